@@ -1,0 +1,32 @@
+"""numres: torchvision's ResNet family on NumPy, Numba and CuPy, without PyTorch.
+
+Example:
+    >>> import numres
+    >>> model = numres.resnet50(pretrained=True)   # official weights, verified and cached
+    >>> logits = model(x)                          # x: (N, 3, H, W) float32
+    >>> emb = model.features(x)                    # (N, 2048)
+"""
+
+from .backends import available_backends, get_backend
+from .checkpoint import load_pth, read_checkpoint
+from .errors import BackendUnavailable, CheckpointError, DownloadError
+from .hub.registry import (ResNet18_Weights, ResNet34_Weights, ResNet50_Weights,
+                           ResNet101_Weights, ResNet152_Weights, ResNeXt50_32X4D_Weights,
+                           ResNeXt101_32X8D_Weights, ResNeXt101_64X4D_Weights, Weights,
+                           Wide_ResNet50_2_Weights, Wide_ResNet101_2_Weights, get_weights)
+from .models.builders import (ARCHS, build, resnet18, resnet34, resnet50, resnet101, resnet152,
+                              resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
+                              wide_resnet50_2, wide_resnet101_2)
+from .models.resnet import ResNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHS", "BackendUnavailable", "CheckpointError", "DownloadError", "ResNet", "Weights",
+    "available_backends", "build", "get_backend", "get_weights", "load_pth", "read_checkpoint",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+    "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "ResNet18_Weights", "ResNet34_Weights", "ResNet50_Weights", "ResNet101_Weights",
+    "ResNet152_Weights", "ResNeXt50_32X4D_Weights", "ResNeXt101_32X8D_Weights",
+    "ResNeXt101_64X4D_Weights", "Wide_ResNet50_2_Weights", "Wide_ResNet101_2_Weights",
+]

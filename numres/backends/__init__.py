@@ -1,0 +1,84 @@
+"""Backend registry: ``get_backend(name)`` imports a backend only when it is asked for.
+
+``"numpy"`` always works. ``"numba"`` needs Numba, ``"cupy"`` needs CuPy and a CUDA device.
+``"auto"`` (or the ``NUMRES_BACKEND`` environment variable) picks the fastest that runs here.
+"""
+
+import importlib
+import os
+import threading
+
+from ..errors import BackendUnavailable
+from ._base import Backend
+
+# name -> (module, class); tried in this order by "auto" (fastest first)
+_REGISTRY = {
+    "cupy": ("numres.backends.cupy_backend", "CupyBackend"),
+    "numba": ("numres.backends.numba_backend", "NumbaBackend"),
+    "numpy": ("numres.backends.numpy_backend", "NumpyBackend"),
+}
+BACKEND_NAMES = tuple(_REGISTRY)
+_instances = {}
+_failures = {}
+_lock = threading.Lock()
+
+
+def get_backend(name="auto"):
+    """Return the backend called ``name`` (a shared instance).
+
+    Args:
+        name: ``"auto"``, ``"numpy"``, ``"numba"``, ``"cupy"``, or a :class:`Backend` instance.
+
+    Raises:
+        ValueError: unknown name.
+        BackendUnavailable: the backend cannot run here; the message says how to install it.
+
+    Example:
+        >>> get_backend("numpy").name
+        'numpy'
+    """
+    if isinstance(name, Backend):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a name or a Backend, got {type(name).__name__}")
+    if name == "auto":
+        name = os.environ.get("NUMRES_BACKEND", "auto") or "auto"
+        if name == "auto":
+            for candidate in _REGISTRY:
+                try:
+                    return _load(candidate)
+                except BackendUnavailable:
+                    continue
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of "
+                         f"{', '.join(('auto',) + BACKEND_NAMES)}")
+    return _load(name)
+
+
+def available_backends():
+    """Names of the backends that can run on this machine, fastest first."""
+    names = []
+    for name in _REGISTRY:
+        try:
+            _load(name)
+            names.append(name)
+        except BackendUnavailable:
+            pass
+    return names
+
+
+def _load(name):
+    with _lock:
+        if name in _instances:
+            return _instances[name]
+        if name in _failures:
+            raise _failures[name]
+        module_name, class_name = _REGISTRY[name]
+        try:
+            module = importlib.import_module(module_name)
+            instance = getattr(module, class_name)()
+        except BackendUnavailable as exc:
+            _failures[name] = exc
+            raise
+        _instances[name] = instance
+        return instance

@@ -1,0 +1,138 @@
+"""Read PyTorch checkpoints (``.pth``) into NumPy arrays without torch, and without running code.
+
+All three formats torch has written are read, recognised by their bytes: zip, the legacy
+magic-number stream and the 2017 TAR format. See ``_formats.py`` for the layouts and
+``_pickle_vm.py`` for why no pickle from a file ever reaches Python's own unpickler.
+"""
+
+import mmap
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import CheckpointError
+from . import _formats
+from ._torch_names import BFLOAT16, TensorRef
+
+_READERS = {"zip": _formats.read_zip, "legacy": _formats.read_legacy, "tar": _formats.read_tar}
+FORMAT_NAMES = {"zip": "zip (torch >= 1.6)", "legacy": "legacy magic-number (torch 0.4-1.5)",
+                "tar": "TAR (torch 0.1, 2017-era files)"}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as read from disk.
+
+    Attributes:
+        format: ``"zip"``, ``"legacy"`` or ``"tar"``.
+        state_dict: name -> array, in file order.
+        source: the file name (or ``"<bytes>"``).
+        dtypes: name -> the torch element type it was stored as (``"Float"``, ``"BFloat16"``...).
+    """
+
+    format: str
+    state_dict: dict
+    source: str
+    dtypes: dict = field(default_factory=dict)
+
+
+def load_pth(file):
+    """Load a PyTorch state dict as NumPy arrays; torch is never imported.
+
+    Args:
+        file: path of a ``.pth``/``.pt`` file, or its bytes.
+
+    Returns:
+        dict mapping parameter names (torch's ``state_dict`` keys) to ``np.ndarray``. Contiguous
+        tensors are views of a private memory map of the file (no copy); bfloat16 is widened to
+        float32.
+
+    Raises:
+        CheckpointError: the file is not a checkpoint, is damaged, or asks for anything beyond
+            plain tensors (any other global, code, TorchScript).
+        FileNotFoundError: no such file.
+
+    Example:
+        >>> sd = numres.load_pth("resnet18-f37072fd.pth")
+        >>> sd["conv1.weight"].shape
+        (64, 3, 7, 7)
+    """
+    return read_checkpoint(file).state_dict
+
+
+def read_checkpoint(file):
+    """Like :func:`load_pth`, but returns a :class:`Checkpoint` with the format too."""
+    buf, source = _open(file)
+    fmt = _formats.detect(buf)
+    obj, resolve = _READERS[fmt](buf, source)
+    tensors = _state_dict_refs(obj, source)
+    state_dict, dtypes, arrays = {}, {}, {}
+    for name, ref in tensors.items():
+        state_dict[name] = _materialize(ref, resolve, arrays, f"{source}: tensor {name!r}")
+        dtypes[name] = ref.storage.stype.name
+    return Checkpoint(fmt, state_dict, source, dtypes)
+
+
+def _open(file):
+    if isinstance(file, (bytes, bytearray, memoryview)):
+        if len(file) == 0:
+            raise CheckpointError("<bytes>: empty input")
+        return memoryview(file), "<bytes>"
+    path = os.fspath(file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CheckpointError(f"{path}: file is empty")
+        # Copy-on-write: arrays are views of the file (read once, by the page cache) and the
+        # caller may still modify them without touching the file.
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return buf, os.path.basename(path)
+
+
+def _state_dict_refs(obj, source):
+    """Find the mapping of names to tensors; training checkpoints nest it one level down."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a state dict (mapping of names to tensors), "
+                              f"found a {type(obj).__name__}")
+    if not any(isinstance(v, TensorRef) for v in obj.values()):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                return _state_dict_refs(obj[key], source)
+    for name, value in obj.items():
+        if type(name) is not str:
+            raise CheckpointError(f"{source}: state dict key {name!r:.40} is not a string")
+        if not isinstance(value, TensorRef):
+            raise CheckpointError(f"{source}: entry {name!r} is a {type(value).__name__}, "
+                                  "not a tensor")
+    return obj
+
+
+def _materialize(ref, resolve, arrays, where):
+    """Turn a TensorRef into an array, checking every index it can reach is in its storage."""
+    storage = ref.storage
+    if id(storage) not in arrays:
+        arrays[id(storage)] = resolve(storage)
+    flat = arrays[id(storage)]
+    shape, stride, offset = ref.shape, ref.stride, ref.offset
+    if 0 in shape:
+        data = np.empty(shape, flat.dtype)
+    else:
+        last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        if last >= flat.size:
+            raise CheckpointError(f"{where}: shape {shape} stride {stride} offset {offset} "
+                                  f"reaches element {last}, storage holds {flat.size}")
+        data = np.lib.stride_tricks.as_strided(
+            flat[offset:], shape, tuple(s * flat.itemsize for s in stride), writeable=True)
+        if not data.flags.c_contiguous:
+            # Transposed or expanded views (shared storages) become ordinary arrays.
+            data = np.ascontiguousarray(data)
+    if storage.stype.name == BFLOAT16:
+        # bfloat16 is the upper half of a float32: widening is exact.
+        data = (data.astype(np.uint32) << 16).view(np.float32)
+    elif not data.dtype.isnative:
+        data = data.astype(data.dtype.newbyteorder("="))
+    return data

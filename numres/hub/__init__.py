@@ -1,0 +1,60 @@
+"""Pretrained weights: the registry, the download cache, and the one function that turns a
+builder's ``pretrained=``/``weights=`` arguments into a state dict."""
+
+import os
+
+from ..checkpoint import load_pth
+from .download import cache_dir, cached_file, download, mirrored, torch_cache_dir
+from .registry import (REGISTRY, Weights, WeightsEnum, get_weights, hash_prefix,
+                       imagenet_categories)
+
+__all__ = ["REGISTRY", "Weights", "WeightsEnum", "cache_dir", "cached_file", "download",
+           "get_weights", "hash_prefix", "imagenet_categories", "mirrored", "resolve",
+           "torch_cache_dir", "fetch_state_dict"]
+
+
+def resolve(arch, pretrained=False, weights=None):
+    """Decide where a builder's weights come from.
+
+    Returns:
+        ``None`` (random initialisation), a registry :class:`Weights`, or a string: a local
+        path or an http(s) URL.
+
+    Raises:
+        ValueError: both ``pretrained`` and ``weights`` given, unknown tag, or weights of
+            another architecture.
+        TypeError: ``weights`` of an unsupported type.
+    """
+    if pretrained and weights is not None:
+        raise ValueError("pass either pretrained=True or weights=..., not both")
+    if pretrained:
+        return get_weights(arch, "IMAGENET1K_V1")  # as torchvision maps pretrained=True
+    if weights is None:
+        return None
+    if isinstance(weights, WeightsEnum):
+        weights = weights.value
+    if isinstance(weights, Weights):
+        if weights.arch != arch:
+            raise ValueError(f"weights {weights.arch}/{weights.tag} do not fit {arch}")
+        return weights
+    if isinstance(weights, os.PathLike):
+        return os.fspath(weights)
+    if not isinstance(weights, str):
+        raise TypeError(f"weights must be a tag, Weights, path or URL, got "
+                        f"{type(weights).__name__}")
+    if weights.startswith(("http://", "https://")):
+        return weights
+    if os.path.exists(weights) or os.sep in weights or weights.endswith((".pth", ".pt")):
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        return weights
+    return get_weights(arch, weights)
+
+
+def fetch_state_dict(source, progress=True):
+    """Load the state dict for what :func:`resolve` returned (downloading if needed)."""
+    if isinstance(source, Weights):
+        return load_pth(cached_file(source.url, progress=progress))
+    if source.startswith(("http://", "https://")):
+        return load_pth(cached_file(source, progress=progress))
+    return load_pth(source)

@@ -1,0 +1,294 @@
+"""torchvision's ResNet family (ResNet v1.5), computed through a numres backend.
+
+Architecture and attribute names follow ``torchvision/models/resnet.py``, so torchvision
+``state_dict`` keys load unchanged. As in torchvision, the Bottleneck puts the stride on its
+3x3 convolution ("ResNet v1.5"); the original paper put it on the first 1x1.
+
+Batch norm is folded into the preceding convolution when weights are prepared for a backend
+(once per load, in float64): ``W' = W * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma /
+sqrt(var + eps)``. ``fold_bn=False`` keeps the two separate, as a reference for the folding.
+"""
+
+import threading
+
+import numpy as np
+
+from ..backends import get_backend
+from ._input import check_input
+from ._modules import BatchNorm2d, Conv2d, Linear, Module, Sequential, load_state_dict
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def conv3x3(in_planes, out_planes, stride=1, groups=1):
+    return Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return Conv2d(in_planes, out_planes, 1, stride=stride)
+
+
+class BasicBlock(Module):
+    """Two 3x3 convolutions and a shortcut (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64):
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = BatchNorm2d(planes)
+        self.downsample = downsample
+
+    units = (("conv1", "bn1"), ("conv2", "bn2"))
+
+    def forward(self, x, run):
+        identity = x if self.downsample is None else run["downsample"](x)
+        out = run["conv1"](x, relu=True)
+        return run["conv2"](out, relu=True, residual=identity)
+
+
+class Bottleneck(Module):
+    """1x1 reduce, 3x3 (grouped for ResNeXt, stride here: v1.5), 1x1 expand, shortcut."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64):
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn2 = BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = BatchNorm2d(planes * self.expansion)
+        self.downsample = downsample
+
+    units = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+    def forward(self, x, run):
+        identity = x if self.downsample is None else run["downsample"](x)
+        out = run["conv1"](x, relu=True)
+        out = run["conv2"](out, relu=True)
+        return run["conv3"](out, relu=True, residual=identity)
+
+
+class _ConvBN:
+    """A convolution and its batch norm, prepared for one backend (folded or not)."""
+
+    def __init__(self, backend, conv, bn, fold):
+        self.backend = backend
+        weight = conv.params["weight"]
+        if fold:
+            scale, shift = bn.scale_shift()
+            # (O, I/G, kh, kw) scaled per output channel
+            folded = (weight.astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
+            self.conv = backend.prepare_conv(folded, shift.astype(np.float32), conv.stride,
+                                             conv.padding, conv.groups)
+            self.bn = None
+        else:
+            self.conv = backend.prepare_conv(weight, None, conv.stride, conv.padding,
+                                             conv.groups)
+            p = bn.params
+            self.bn = backend.prepare_batch_norm(p["running_mean"], p["running_var"],
+                                                 p["weight"], p["bias"], bn.eps)
+
+    def __call__(self, x, relu=False, residual=None):
+        if self.bn is None:
+            return self.backend.conv2d(x, self.conv, relu=relu, residual=residual)
+        y = self.backend.conv2d(x, self.conv)
+        return self.backend.batch_norm(y, self.bn, relu=relu, residual=residual)
+
+
+class ResNet(Module):
+    """A torchvision-compatible ResNet that runs on a numres backend.
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        layers: blocks per stage, e.g. ``[3, 4, 6, 3]``.
+        num_classes: outputs of the final fully connected layer.
+        groups, width_per_group: ResNeXt / Wide ResNet widths (as torchvision).
+        backend: ``"auto"``, ``"numpy"``, ``"numba"``, ``"cupy"`` or a Backend.
+        fold_bn: fold batch norm into the convolutions (the fast, default path).
+
+    Example:
+        >>> model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10, backend="numpy")
+        >>> model(np.zeros((1, 3, 64, 64), np.float32)).shape
+        (1, 10)
+    """
+
+    def __init__(self, block, layers, num_classes=1000, groups=1, width_per_group=64,
+                 backend="auto", fold_bn=True):
+        super().__init__()
+        if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.inplanes = 64
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = Conv2d(3, self.inplanes, 7, stride=2, padding=3)
+        self.bn1 = BatchNorm2d(self.inplanes)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.fc = Linear(512 * block.expansion, int(num_classes))
+        self.num_features = 512 * block.expansion
+        self.fold_bn = fold_bn
+        self.arch = None
+        self.weights = None  # the registry Weights when built pretrained
+        self._backend = get_backend(backend)
+        self._plan = None
+        self._plan_lock = threading.Lock()
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                    BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, groups=self.groups,
+                                base_width=self.base_width))
+        return Sequential(*layers)
+
+    def children(self):
+        # Only modules that own parameters; torchvision has relu/maxpool/avgpool too, but they
+        # hold no state and their key names never appear in a state dict.
+        for name in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"):
+            yield name, getattr(self, name)
+
+    # -- weights and backend ---------------------------------------------------------------
+    @property
+    def backend(self):
+        """The :class:`~numres.backends.Backend` this model runs on."""
+        return self._backend
+
+    def to(self, backend):
+        """Move the model to another backend (weights are re-prepared). Returns ``self``."""
+        self._backend = get_backend(backend)
+        self._plan = None
+        return self
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load torchvision-named weights; ``num_batches_tracked`` entries are ignored.
+
+        Args:
+            state_dict: mapping of names to arrays, e.g. from :func:`numres.load_pth`.
+            strict: require exactly the model's keys.
+
+        Returns:
+            ``(missing_keys, unexpected_keys)``.
+
+        Raises:
+            CheckpointError: missing/unexpected keys (strict) or shape mismatches, by name.
+        """
+        result = load_state_dict(self, state_dict, strict=strict)
+        self._plan = None
+        return result
+
+    def _prepared(self):
+        plan = self._plan
+        if plan is None:
+            with self._plan_lock:
+                if self._plan is None:
+                    self._plan = self._prepare()
+                plan = self._plan
+        return plan
+
+    def _prepare(self):
+        backend, fold = self._backend, self.fold_bn
+        blocks = []
+        for stage in STAGES[1:]:
+            for block in getattr(self, stage):
+                run = {conv: _ConvBN(backend, getattr(block, conv), getattr(block, bn), fold)
+                       for conv, bn in block.units}
+                if block.downsample is not None:
+                    run["downsample"] = _ConvBN(backend, block.downsample[0],
+                                                block.downsample[1], fold)
+                blocks.append((stage, block, run))
+        fc = self.fc.params
+        return {"stem": _ConvBN(backend, self.conv1, self.bn1, fold), "blocks": blocks,
+                "fc": backend.prepare_linear(fc["weight"], fc["bias"])}
+
+    # -- inference -------------------------------------------------------------------------
+    def __call__(self, x):
+        """Class logits: (N, 3, H, W) float32 -> (N, num_classes) float32.
+
+        NumPy in gives NumPy out; a device array of the model's backend stays on the device.
+        """
+        return self.forward(x)
+
+    def forward(self, x):
+        """Same as calling the model."""
+        plan, act, back = self._enter(x)
+        pooled = self._backend.global_avg_pool(self._trunk(plan, act, None))
+        return back(self._backend.linear(pooled, plan["fc"]))
+
+    def features(self, x):
+        """Pooled embedding before ``fc``: (N, 512) for ResNet-18/34, (N, 2048) for the rest.
+
+        Example:
+            >>> emb = numres.resnet50(pretrained=True).features(batch)   # (N, 2048)
+        """
+        plan, act, back = self._enter(x)
+        return back(self._backend.global_avg_pool(self._trunk(plan, act, None)))
+
+    def feature_maps(self, x, stages=("layer1", "layer2", "layer3", "layer4")):
+        """Intermediate feature maps, as torchvision's ``IntermediateLayerGetter``.
+
+        Args:
+            x: (N, 3, H, W) float32 batch.
+            stages: any of ``"stem"`` (after max pool), ``"layer1"`` .. ``"layer4"``.
+
+        Returns:
+            dict stage -> (N, C, h, w) array: strides 4, 4, 8, 16, 32 and channels 64 and
+            (64, 128, 256, 512) x expansion.
+        """
+        stages = (stages,) if isinstance(stages, str) else tuple(stages)
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown or not stages:
+            raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+        plan, act, back = self._enter(x)
+        found = {}
+        self._trunk(plan, act, (stages, found))
+        return {s: back(found[s], nchw=True) for s in stages}
+
+    def _enter(self, x):
+        backend = self._backend
+        x = check_input(x, backend)
+        on_device = backend.owns(x)
+        plan = self._prepared()
+
+        def back(array, nchw=False):
+            out = backend.to_nchw(array) if nchw else array
+            return out if on_device else backend.to_numpy(out)
+
+        return plan, backend.from_nchw(x), back
+
+    def _trunk(self, plan, x, collect):
+        """Run the stem and the four stages. ``collect`` = (stage names, dict to fill)."""
+        backend = self._backend
+        x = plan["stem"](x, relu=True)
+        x = backend.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        wanted, found = collect or ((), None)
+        last = max((STAGES.index(s) for s in wanted), default=len(STAGES) - 1)
+        if "stem" in wanted:
+            found["stem"] = x
+            if last == 0:
+                return x
+        blocks = plan["blocks"]
+        for i, (stage, block, run) in enumerate(blocks):
+            x = block.forward(x, run)
+            stage_ends = i + 1 == len(blocks) or blocks[i + 1][0] != stage
+            if stage_ends and stage in wanted:
+                found[stage] = x
+                if STAGES.index(stage) == last:
+                    break
+        return x
+
+    def extra_repr(self):
+        return f"backend={self._backend.name!r}, fold_bn={self.fold_bn}"
