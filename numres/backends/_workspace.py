@@ -1,0 +1,49 @@
+"""Reusable scratch buffers, safe across threads and against buffers that escape.
+
+Allocating a fresh multi-megabyte array per layer costs page faults on every call. The pool
+hands out an array only when nothing but the pool refers to it: the reference count tells,
+so a buffer still held by the caller (a returned view, a feature map) is never reused. Pools
+are per thread, so two threads calling one model never share a buffer.
+"""
+
+import sys
+import threading
+
+import numpy as np
+
+# Most arrays of one size kept; beyond it a request is served by a plain allocation.
+_PER_SIZE = 6
+
+
+def _baseline_refcount():
+    # References held while the pool inspects an entry: the pool's list and the argument.
+    probe = [np.empty(1)]
+    return sys.getrefcount(probe[0])
+
+
+_FREE = _baseline_refcount()
+
+
+class Workspace:
+    """``get(shape)`` returns a float32 array that no one else references."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, shape, dtype=np.float32):
+        pools = getattr(self._local, "pools", None)
+        if pools is None:
+            pools = self._local.pools = {}
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        entries = pools.setdefault(size, [])
+        for i in range(len(entries)):
+            if sys.getrefcount(entries[i]) == _FREE:
+                return entries[i].view(dtype).reshape(shape)
+        buf = np.empty(size, np.uint8)
+        if len(entries) < _PER_SIZE:
+            entries.append(buf)
+        return buf.view(dtype).reshape(shape)
+
+    def clear(self):
+        """Drop this thread's buffers."""
+        self._local.pools = {}

@@ -1,0 +1,302 @@
+"""The fast CPU backend: NHWC activations, BLAS GEMMs, Numba for everything else.
+
+Layout choice: with channels last, a 1x1 convolution is one GEMM on the activation as it lies
+in memory, ``(N*H*W, C) @ (C, O)``, and its result is already the next layer's NHWC input.
+A kxk convolution gathers its windows once (``im2col``) and runs one GEMM; a stride-1 3x3
+convolution with enough tiles uses Winograd F(4x4, 3x3) instead (2.25x fewer multiplies).
+Bias, residual add and ReLU are one pass over the GEMM output, in place. Scratch buffers are
+reused across layers and calls (``_workspace.py``).
+
+Threads: the Numba kernels and BLAS take turns, never run at once, and use the same number of
+threads: ``NUMRES_NUM_THREADS``, else ``OMP_NUM_THREADS``, else every CPU of the process.
+``NUMRES_NUM_THREADS`` also sets BLAS's count (through threadpoolctl).
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+from ._base import Backend, conv_output_size
+from ._workspace import Workspace
+
+try:
+    import numba  # noqa: F401  (the kernels below need it)
+except ImportError as exc:  # pragma: no cover - exercised where numba is absent
+    raise BackendUnavailable("the 'numba' backend needs Numba: pip install numba") from exc
+
+from . import _numba_kernels as K
+from . import _winograd
+from ._parallel import Executor, default_threads
+
+@dataclass
+class Tuning:
+    """How the backend splits work; defaults chosen by timing whole networks (ResNet-18/50,
+    batch 1 and 8) on 2 cores, every variant interleaved in one process."""
+
+    #: GEMMs with at least this many multiply-adds and ``blas_min_n`` output channels run as
+    #: one call on BLAS's own threads (they share packed weights); smaller ones run faster
+    #: split across numres's threads, single-threaded BLAS each.
+    blas_min_macs: int = 200_000_000
+    blas_min_n: int = 128
+    #: Output pixels per row block when numres's threads split a GEMM by rows.
+    row_block: int = 1024
+    #: Output pixels per chunk when BLAS threads run a large gathered GEMM (bounds scratch).
+    blas_chunk: int = 8192
+    #: With fewer output pixels than this per thread, threads split output channels instead.
+    split_rows_min: int = 128
+    #: Winograd needs this many 4x4 tiles to repay reading its 4x larger filters; layers with
+    #: C * O > ``winograd_wide`` need ``winograd_min_tiles_wide``.
+    winograd_min_tiles: int = 12
+    winograd_min_tiles_wide: int = 64
+    winograd_wide: int = 256 * 256
+    #: Below this many output elements a simple kernel runs in the calling thread only.
+    parallel_min_elements: int = 1 << 15
+
+    def gemm_plan(self, m, k, n, threads):
+        """How to run an (m, k) @ (k, n) convolution GEMM: "rows", "columns" or "blas"."""
+        if threads == 1 or (m * k * n >= self.blas_min_macs and n >= self.blas_min_n):
+            return "blas"
+        if m < threads * self.split_rows_min:
+            return "columns"
+        return "rows"
+
+    def use_winograd(self, conv, tiles, in_channels):
+        if not conv.winograd_capable:
+            return False
+        wide = in_channels * conv.out_channels > self.winograd_wide
+        return tiles >= (self.winograd_min_tiles_wide if wide else self.winograd_min_tiles)
+
+
+@dataclass
+class Conv:
+    kind: str               # "gemm" (1x1) | "im2col" | "grouped"
+    weight: np.ndarray      # (kh*kw*C, O), or (G, kh*kw*C/G, O/G) for "grouped"
+    bias: np.ndarray        # (O,)
+    kernel_size: int
+    stride: int
+    padding: int
+    groups: int
+    out_channels: int
+    winograd_capable: bool = False
+    winograd: np.ndarray = field(default=None, repr=False)  # (36, C, O), made on first use
+
+    def winograd_weight(self):
+        # Made on first use only: at batch 1 the deep layers never have enough tiles, and
+        # the transformed filters are 4x the size of the plain ones.
+        if self.winograd is None:
+            c, o = self.weight.shape[0] // 9, self.weight.shape[1]
+            self.winograd = _winograd.transform_weights(self.weight.reshape(3, 3, c, o))
+        return self.winograd
+
+
+@dataclass
+class BatchNorm:
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+@dataclass
+class Linear:
+    weight_t: np.ndarray    # (in, out)
+    bias: np.ndarray
+
+
+class NumbaBackend(Backend):
+    """NHWC CPU backend. Activations are (N, H, W, C) float32 NumPy arrays.
+
+    Args:
+        threads: threads per layer (default: see module docstring).
+        winograd: allow Winograd for stride-1 3x3 convolutions (``NUMRES_WINOGRAD=0`` too).
+        **tuning: overrides of :class:`Tuning` fields.
+    """
+
+    name = "numba"
+
+    def __init__(self, threads=None, winograd=True, **tuning):
+        self.tuning = Tuning(**tuning)
+        threads = threads or default_threads()
+        if os.environ.get("NUMRES_NUM_THREADS"):
+            _limit_blas_threads(threads)
+        self.winograd = winograd and os.environ.get("NUMRES_WINOGRAD", "1") != "0"
+        self.executor = Executor(threads)
+        self.workspace = Workspace()
+
+    # -- data movement ---------------------------------------------------------------------
+    def from_nchw(self, x):
+        n, c, h, w = x.shape
+        out = self.workspace.get((n, h, w, c))
+        x = np.ascontiguousarray(x)
+        self._rows(n * h, out.size, K.nchw_to_nhwc, x, out)
+        return out
+
+    def to_nchw(self, act):
+        return np.ascontiguousarray(act.transpose(0, 3, 1, 2))   # (N, C, H, W)
+
+    def to_numpy(self, array):
+        # Results may live in the workspace; hand out a copy the pool will never reuse.
+        return np.array(array, copy=True)
+
+    # -- weights ---------------------------------------------------------------------------
+    def prepare_conv(self, weight, bias, stride, padding, groups):
+        o, cg, k, _ = weight.shape
+        bias = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32)
+        if groups > 1:
+            # (G, O/G, Cg, kh, kw) -> (G, kh, kw, Cg, O/G): rows in im2col_grouped's order
+            w = weight.reshape(groups, o // groups, cg, k, k).transpose(0, 3, 4, 2, 1)
+            w = np.ascontiguousarray(w.reshape(groups, k * k * cg, o // groups))
+            return Conv("grouped", w, bias, k, stride, padding, groups, o)
+        # (O, C, kh, kw) -> (kh, kw, C, O): rows in im2col's (ky, kx, c) order
+        w = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(k * k * cg, o))
+        kind = "gemm" if k == 1 and padding == 0 else "im2col"
+        winograd = (k, stride, padding) == (3, 1, 1) and self.winograd
+        return Conv(kind, w, bias, k, stride, padding, groups, o, winograd)
+
+    def prepare_batch_norm(self, mean, var, weight, bias, eps):
+        scale = weight.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+        shift = bias - mean * scale
+        return BatchNorm(scale.astype(np.float32), shift.astype(np.float32))
+
+    def prepare_linear(self, weight, bias):
+        return Linear(np.ascontiguousarray(weight.T, np.float32), np.asarray(bias, np.float32))
+
+    # -- operations ------------------------------------------------------------------------
+    def conv2d(self, x, conv, relu=False, residual=None):
+        n, h, w, c = x.shape
+        k, s, p = conv.kernel_size, conv.stride, conv.padding
+        out_h, out_w = conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
+        m, o = n * out_h * out_w, conv.out_channels
+        y = self.workspace.get((n, out_h, out_w, o))
+        epilogue = (conv.bias,
+                    _EMPTY if residual is None else residual.reshape(m, o),   # (M, O) rows
+                    residual is not None, relu)
+        if self.tuning.use_winograd(conv, n * np.prod(_winograd.tiles(h, w)), c):
+            _winograd.conv3x3(x, conv.winograd_weight(), o, epilogue, self.workspace,
+                              self.executor, y)
+        elif conv.kind == "grouped":
+            self._grouped(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+        else:
+            self._gemm(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+        return y
+
+    def _gemm(self, x, conv, out_h, out_w, epilogue, y2):
+        """im2col/subsample (if needed) + GEMM + epilogue, split as :meth:`Tuning.gemm_plan` says."""
+        n, _, _, c = x.shape
+        o = conv.out_channels
+        gather = conv.kind == "im2col" or conv.stride > 1
+        rows, m = n * out_h, n * out_h * out_w
+        ex = self.executor
+
+        def block(b0, b1):
+            """Output rows [b0, b1): gather, GEMM, epilogue, all while the block is hot."""
+            m0, m1 = b0 * out_w, b1 * out_w
+            a = (self._gathered(x, conv, b0, b1, out_w) if gather
+                 else x.reshape(m, c)[m0:m1])                  # (rows of block, K)
+            np.matmul(a, conv.weight, out=y2[m0:m1])
+            K.bias_act(m0, m1, 0, o, y2, *epilogue)
+
+        plan = self.tuning.gemm_plan(m, conv.weight.shape[0], o, ex.threads)
+        if plan == "columns":
+            a = self._gathered(x, conv, 0, rows, out_w) if gather else x.reshape(m, c)
+
+            def columns(c0, c1):
+                np.matmul(a, conv.weight[:, c0:c1], out=y2[:, c0:c1])
+                K.bias_act(0, m, c0, c1, y2, *epilogue)
+            ex.run(o, columns)
+        elif plan == "rows":
+            per_block = max(1, self.tuning.row_block // out_w)
+
+            def blocks(r0, r1):
+                for b0 in range(r0, r1, per_block):
+                    block(b0, min(b0 + per_block, r1))
+            ex.run(rows, blocks)
+        else:
+            # One large GEMM at a time with BLAS's own threads; gather and epilogue split
+            # across ours. Chunks bound the im2col scratch at large batches.
+            per_chunk = max(1, self.tuning.blas_chunk // out_w)
+            for b0 in range(0, rows, per_chunk):
+                b1 = min(b0 + per_chunk, rows)
+                m0, m1 = b0 * out_w, b1 * out_w
+                if gather:
+                    a = self.workspace.get(((b1 - b0) * out_w, conv.weight.shape[0]))
+                    ex.run(b1 - b0, lambda r0, r1: self._gather_into(
+                        x, conv, b0 + r0, b0 + r1, out_w, a[r0 * out_w:r1 * out_w]))
+                else:
+                    a = x.reshape(m, c)[m0:m1]
+                np.matmul(a, conv.weight, out=y2[m0:m1])
+                ex.run(m1 - m0, lambda r0, r1: K.bias_act(m0 + r0, m0 + r1, 0, o, y2,
+                                                          *epilogue))
+
+    def _gathered(self, x, conv, r0, r1, out_w):
+        """The GEMM input for output rows [r0, r1): im2col windows or a strided subsample."""
+        a = self.workspace.get(((r1 - r0) * out_w, conv.weight.shape[0]))
+        self._gather_into(x, conv, r0, r1, out_w, a)
+        return a
+
+    @staticmethod
+    def _gather_into(x, conv, r0, r1, out_w, a):
+        if conv.kind == "im2col":
+            K.im2col(r0, r1, x, conv.kernel_size, conv.stride, conv.padding, out_w, a)
+        else:
+            K.subsample(r0, r1, x, conv.stride, out_w, a)
+
+    def _grouped(self, x, conv, out_h, out_w, epilogue, y2):
+        """Grouped convolution: per block, im2col into (G, rows, K) and G GEMMs."""
+        n, _, _, c = x.shape
+        g, k = conv.groups, conv.kernel_size
+        per_block = max(1, self.tuning.row_block // out_w)
+
+        def blocks(r0, r1):
+            for b0 in range(r0, r1, per_block):
+                b1 = min(b0 + per_block, r1)
+                mb = (b1 - b0) * out_w
+                cols = self.workspace.get((g, mb, k * k * (c // g)))
+                yg = self.workspace.get((g, mb, conv.out_channels // g))
+                K.im2col_grouped(b0, b1, x, k, conv.stride, conv.padding, out_w, g, cols)
+                np.matmul(cols, conv.weight, out=yg)       # (G, mb, O/G)
+                K.bias_act_grouped(b0 * out_w, b1 * out_w, yg, *epilogue, y2)
+        self.executor.run(n * out_h, blocks)
+
+    def _rows(self, rows, work, kernel, *args):
+        """Run a row-range kernel, split across threads when there is enough work."""
+        if work < self.tuning.parallel_min_elements:
+            kernel(0, rows, *args)
+        else:
+            self.executor.run(rows, lambda r0, r1: kernel(r0, r1, *args))
+
+    def batch_norm(self, x, bn, relu=False, residual=None):
+        n, h, w, c = x.shape
+        m = n * h * w
+        out = self.workspace.get(x.shape)
+        res = _EMPTY if residual is None else residual.reshape(m, c)
+        self._rows(m, out.size, K.batch_norm, x.reshape(m, c), bn.scale, bn.shift, res,
+                   residual is not None, relu, out.reshape(m, c))
+        return out
+
+    def max_pool2d(self, x, kernel_size, stride, padding):
+        n, h, w, c = x.shape
+        out_h = conv_output_size(h, kernel_size, stride, padding)
+        out_w = conv_output_size(w, kernel_size, stride, padding)
+        out = self.workspace.get((n, out_h, out_w, c))
+        self._rows(n * out_h, out.size, K.max_pool, x, kernel_size, stride, padding, out)
+        return out
+
+    def global_avg_pool(self, x):
+        n, h, w, c = x.shape
+        return x.reshape(n, h * w, c).mean(axis=1, dtype=np.float32)   # (N, C)
+
+    def linear(self, x, fc):
+        return x @ fc.weight_t + fc.bias
+
+
+# A residual placeholder Numba can type when a layer has none.
+_EMPTY = np.zeros((1, 1), np.float32)
+
+
+def _limit_blas_threads(n):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(n, user_api="blas")
