@@ -321,8 +321,7 @@ def _write_checkpoint(arch, path, torch_mods):
         torch.manual_seed(0)
         torch.save(getattr(tv.models, arch)().state_dict(), path)
     else:
-        from numres.testing import save_state_dict_zip
-        save_state_dict_zip(numres.build(arch, backend="numpy").state_dict(), path)
+        numres.save_pth(numres.build(arch, backend="numpy").state_dict(), path)
 
 
 def _version(module):

@@ -8,7 +8,7 @@ Example:
 """
 
 from .backends import available_backends, get_backend
-from .checkpoint import load_pth, read_checkpoint
+from .checkpoint import load_pth, read_checkpoint, save_pth
 from .errors import BackendUnavailable, CheckpointError, DownloadError
 from .hub.registry import (ResNet18_Weights, ResNet34_Weights, ResNet50_Weights,
                            ResNet101_Weights, ResNet152_Weights, ResNeXt50_32X4D_Weights,
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHS", "BackendUnavailable", "CheckpointError", "DownloadError", "ResNet", "Weights",
     "available_backends", "build", "get_backend", "get_weights", "load_pth", "read_checkpoint",
+    "save_pth",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
     "ResNet18_Weights", "ResNet34_Weights", "ResNet50_Weights", "ResNet101_Weights",

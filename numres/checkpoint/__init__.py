@@ -14,6 +14,9 @@ import numpy as np
 from ..errors import CheckpointError
 from . import _formats
 from ._torch_names import BFLOAT16, TensorRef
+from ._writer import save_pth
+
+__all__ = ["Checkpoint", "load_pth", "read_checkpoint", "save_pth"]
 
 _READERS = {"zip": _formats.read_zip, "legacy": _formats.read_legacy, "tar": _formats.read_tar}
 FORMAT_NAMES = {"zip": "zip (torch >= 1.6)", "legacy": "legacy magic-number (torch 0.4-1.5)",

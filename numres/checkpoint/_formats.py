@@ -66,12 +66,12 @@ def read_zip(buf, source):
         infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
         raise CheckpointError(f"{source}: damaged zip archive ({exc})") from None
-    records = _zip_records(buf, infos, source)
-    prefix = infos[0].filename.split("/", 1)[0] + "/"
+    prefix = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
     for marker in ("constants.pkl", "code/", "model.json", ".data/version"):
-        if any(name.startswith(prefix + marker) for name in records):
+        if any(info.filename.startswith(prefix + marker) for info in infos):
             raise CheckpointError(f"{source}: this is a TorchScript archive ({marker}); numres "
                                   "reads state dicts saved with torch.save only")
+    records = _zip_records(buf, infos, source)
     if prefix + "data.pkl" not in records:
         raise CheckpointError(f"{source}: zip archive has no {prefix}data.pkl")
     byteorder = "<"

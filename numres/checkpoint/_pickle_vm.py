@@ -20,9 +20,9 @@ from ..errors import CheckpointError
 _MAX_LINE = 1024
 # Widest LONG1/LONG4 integer, in bytes. Torch's magic number needs 10.
 _MAX_LONG_BYTES = 64
-# Opcodes one pickle may execute. A state dict needs ~30 per tensor; this allows ~60k tensors
-# and caps what a hostile stream of tiny container opcodes can allocate (~100 bytes each).
-MAX_OPS = 2_000_000
+# Opcodes one pickle may execute. A state dict needs ~30 per tensor; this allows ~30k tensors
+# and caps what a hostile stream of tiny container opcodes can allocate (~64 bytes each).
+MAX_OPS = 1_000_000
 
 
 class Global:
