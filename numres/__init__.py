@@ -18,11 +18,14 @@ from .models.builders import (ARCHS, build, resnet18, resnet34, resnet50, resnet
                               resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
                               wide_resnet50_2, wide_resnet101_2)
 from .models.resnet import ResNet
+from .predict import decode, softmax
+from .transforms import ImageClassification, load_image, preprocess
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHS", "BackendUnavailable", "CheckpointError", "DownloadError", "ResNet", "Weights",
+    "ARCHS", "BackendUnavailable", "ImageClassification", "decode", "load_image", "preprocess",
+    "softmax", "CheckpointError", "DownloadError", "ResNet", "Weights",
     "available_backends", "build", "get_backend", "get_weights", "load_pth", "read_checkpoint",
     "save_pth",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",

@@ -2,6 +2,7 @@
 builder's ``pretrained=``/``weights=`` arguments into a state dict."""
 
 import os
+from collections.abc import Mapping
 
 from ..checkpoint import load_pth
 from .download import cache_dir, cached_file, download, mirrored, torch_cache_dir
@@ -17,8 +18,8 @@ def resolve(arch, pretrained=False, weights=None):
     """Decide where a builder's weights come from.
 
     Returns:
-        ``None`` (random initialisation), a registry :class:`Weights`, or a string: a local
-        path or an http(s) URL.
+        ``None`` (random initialisation), a registry :class:`Weights`, a string (a local path
+        or an http(s) URL), or a state dict given as is.
 
     Raises:
         ValueError: both ``pretrained`` and ``weights`` given, unknown tag, or weights of
@@ -39,6 +40,8 @@ def resolve(arch, pretrained=False, weights=None):
         return weights
     if isinstance(weights, os.PathLike):
         return os.fspath(weights)
+    if isinstance(weights, Mapping):
+        return weights
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a tag, Weights, path or URL, got "
                         f"{type(weights).__name__}")
@@ -53,6 +56,8 @@ def resolve(arch, pretrained=False, weights=None):
 
 def fetch_state_dict(source, progress=True):
     """Load the state dict for what :func:`resolve` returned (downloading if needed)."""
+    if isinstance(source, Mapping):
+        return source
     if isinstance(source, Weights):
         return load_pth(cached_file(source.url, progress=progress))
     if source.startswith(("http://", "https://")):

@@ -3,7 +3,7 @@
 Signature: ``(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
 progress=True, fold_bn=True)``. ``pretrained=True`` means ImageNet ``IMAGENET1K_V1`` weights, as
 torchvision maps it; ``weights`` takes a tag (``"IMAGENET1K_V2"``, ``"DEFAULT"``), a
-``ResNet50_Weights`` member, a path to a ``.pth`` file, or an http(s) URL.
+``ResNet50_Weights`` member, a path to a ``.pth`` file, an http(s) URL, or a state dict.
 """
 
 import numpy as np
@@ -93,7 +93,8 @@ width_per_group={width} (torchvision's architecture and parameter names).
     Args:
         pretrained: load ImageNet ``IMAGENET1K_V1`` weights (verified, cached).
         weights: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"`` (where it exists), ``"DEFAULT"``, a
-            path to a ``.pth`` file, or an http(s) URL. Not together with ``pretrained``.
+            path to a ``.pth`` file, an http(s) URL, or a state dict. Not together with
+            ``pretrained``.
         num_classes: size of the classifier; ``1000`` for ImageNet.
         backend: ``"auto"`` (fastest available), ``"numpy"``, ``"numba"`` or ``"cupy"``.
         progress: progress bar on stderr while downloading (terminals only).

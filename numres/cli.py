@@ -1,0 +1,211 @@
+"""The ``numres`` command (also ``python -m numres``).
+
+    numres predict IMG... [--arch resnet50] [--weights V1|V2|PATH|URL] [--topk 5] [--json]
+    numres features IMG_DIR --out feats.npy
+    numres inspect FILE.pth
+    numres fetch ARCH [--weights V2]
+    numres bench
+
+Failures print one line to stderr and exit with status 1 (usage errors: 2).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from . import __version__, hub
+from .checkpoint import FORMAT_NAMES, read_checkpoint
+from .errors import BackendUnavailable, CheckpointError, DownloadError
+from .models.builders import ARCHS, build
+
+
+def _model_args(p, default_weights="DEFAULT"):
+    p.add_argument("--arch", choices=list(ARCHS), metavar="ARCH",
+                   help=f"one of {', '.join(ARCHS)} (default: what a --weights file fits, "
+                        "else resnet50)")
+    p.add_argument("--weights", default=default_weights,
+                   help="V1, V2, DEFAULT, a .pth path or an http(s) URL (default: %(default)s)")
+    p.add_argument("--backend", default="auto", help="auto, numpy, numba or cupy")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def _build(args):
+    """The model for --arch/--weights; a checkpoint file sets num_classes (and the arch if
+    --arch is not given)."""
+    weights, arch, num_classes = args.weights, args.arch, 1000
+    if os.path.exists(weights) or weights.endswith((".pth", ".pt")):
+        weights = read_checkpoint(weights).state_dict
+        num_classes = weights["fc.weight"].shape[0] if "fc.weight" in weights else 1000
+        if arch is None:
+            fits = fit_architecture(weights)
+            if not fits:
+                raise ValueError(f"{args.weights} fits no numres architecture; see "
+                                 f"'numres inspect {args.weights}'")
+            arch = fits[0]
+    return build(arch or "resnet50", weights=weights, backend=args.backend,
+                 num_classes=num_classes)
+
+
+def cmd_predict(args):
+    from .predict import decode, find_images, run_files
+    files = find_images(args.images)
+    if not files:
+        raise FileNotFoundError("no images found in " + " ".join(args.images))
+    model = _build(args)
+    logits = run_files(model, files, batch_size=args.batch_size)
+    categories = model.weights.categories if model.weights else None
+    results = decode(logits, args.topk, categories)
+    if args.json:
+        json.dump([{"file": f, "top": [{"label": lab, "probability": round(p, 6), "index": i}
+                                       for lab, p, i in top]}
+                   for f, top in zip(files, results)], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
+    for f, top in zip(files, results):
+        print(f)
+        for label, p, i in top:
+            print(f"  {p:7.2%}  {label} ({i})")
+
+
+def cmd_features(args):
+    from .predict import find_images, run_files
+    files = find_images(args.images)
+    if not files:
+        raise FileNotFoundError("no images found in " + " ".join(args.images))
+    model = _build(args)
+    feats = run_files(model, files, batch_size=args.batch_size, method="features")
+    out = args.out
+    np.save(out, feats)
+    names = os.path.splitext(out)[0] + ".files.txt"
+    with open(names, "w", encoding="utf-8") as f:
+        f.write("\n".join(files) + "\n")
+    print(f"wrote {feats.shape[0]} x {feats.shape[1]} features to {out} "
+          f"(file names, same order: {names})")
+
+
+def fit_architecture(state_dict):
+    """Builders whose parameter names and shapes match (any num_classes) -> list of names."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()
+              if not k.endswith("num_batches_tracked")}
+    fc = shapes.get("fc.weight")
+    matches = []
+    for arch in ARCHS:
+        if fc is None:
+            break
+        model = build(arch, backend="numpy", num_classes=fc[0], progress=False)
+        if {k: v.shape for k, v in model.state_dict().items()} == shapes:
+            matches.append(arch)
+    return matches
+
+
+def cmd_inspect(args):
+    ckpt = read_checkpoint(args.file)
+    sd = ckpt.state_dict
+    n_params = sum(v.size for k, v in sd.items()
+                   if not k.endswith(("num_batches_tracked", "running_mean", "running_var")))
+    dtypes = {}
+    for name, dtype in ckpt.dtypes.items():
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    fits = fit_architecture(sd)
+    num_classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else None
+    info = {"file": args.file, "format": ckpt.format, "tensors": len(sd),
+            "parameters": int(n_params), "dtypes": dtypes, "architectures": fits,
+            "num_classes": num_classes, "size_bytes": os.path.getsize(args.file)}
+    if args.json:
+        info["tensor_list"] = [{"name": k, "shape": list(v.shape), "dtype": ckpt.dtypes[k]}
+                               for k, v in sd.items()]
+        json.dump(info, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
+    print(f"file:         {args.file} ({info['size_bytes'] / 1e6:.1f} MB)")
+    print(f"format:       {FORMAT_NAMES[ckpt.format]}")
+    print(f"tensors:      {len(sd)} "
+          f"({', '.join(f'{n} {t}' for t, n in sorted(dtypes.items()))})")
+    print(f"parameters:   {n_params:,} (batch-norm statistics not counted)")
+    if fits:
+        print(f"fits:         {', '.join(fits)} with num_classes={num_classes}")
+    else:
+        print("fits:         no numres architecture (names or shapes differ)")
+    shown = list(sd.items()) if args.all else list(sd.items())[:12]
+    width = max((len(k) for k, _ in shown), default=0)
+    for name, value in shown:
+        print(f"  {name:<{width}}  {ckpt.dtypes[name]:<8} {tuple(value.shape)}")
+    if len(shown) < len(sd):
+        print(f"  ... {len(sd) - len(shown)} more (--all lists every tensor)")
+
+
+def cmd_fetch(args):
+    weights = hub.get_weights(args.arch, args.weights)
+    path = hub.cached_file(weights.url, progress=True)
+    print(f"{args.arch} {weights.tag}: {path}")
+
+
+def cmd_bench(args, extra):
+    from .bench import main
+    main(extra, defaults={"models": "resnet18,resnet50", "batches": "1,8", "rounds": 5,
+                          "layers": 5})
+
+
+def make_parser():
+    p = argparse.ArgumentParser(prog="numres", description="Pretrained ResNets without "
+                                "PyTorch: classify images, extract features, inspect "
+                                "checkpoints.")
+    p.add_argument("--version", action="version", version=f"numres {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("predict", help="top-k ImageNet labels for images")
+    pr.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    _model_args(pr)
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.set_defaults(func=cmd_predict)
+
+    fe = sub.add_parser("features", help="pooled embeddings for a folder of images")
+    fe.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    fe.add_argument("--out", required=True, help="output .npy (names go to <out>.files.txt)")
+    _model_args(fe)
+    fe.set_defaults(func=cmd_features)
+
+    ins = sub.add_parser("inspect", help="describe a .pth file (no torch needed)")
+    ins.add_argument("file")
+    ins.add_argument("--all", action="store_true", help="list every tensor")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    fetch = sub.add_parser("fetch", help="download weights into the cache ahead of time")
+    fetch.add_argument("arch", choices=list(ARCHS), metavar="ARCH")
+    fetch.add_argument("--weights", default="DEFAULT", help="V1, V2 or DEFAULT")
+    fetch.set_defaults(func=cmd_fetch)
+
+    bench = sub.add_parser("bench", help="short benchmark (all options: numres bench --help)",
+                           add_help=False)
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "bench":
+            args.func(args, extra)
+        else:
+            args.func(args)
+    except (FileNotFoundError, IsADirectoryError, CheckpointError, DownloadError,
+            BackendUnavailable, ValueError, TypeError, ImportError, OSError) as exc:
+        print(f"numres: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("numres: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
