@@ -23,11 +23,13 @@ _failures = {}
 _lock = threading.Lock()
 
 
-def get_backend(name="auto"):
-    """Return the backend called ``name`` (a shared instance).
+def get_backend(name="auto", **options):
+    """Return the backend called ``name``: a shared instance, or a new one with ``options``.
 
     Args:
         name: ``"auto"``, ``"numpy"``, ``"numba"``, ``"cupy"``, or a :class:`Backend` instance.
+        **options: constructor options, e.g. ``get_backend("cupy", dtype="float16")`` or
+            ``get_backend("numba", threads=1)``.
 
     Raises:
         ValueError: unknown name.
@@ -52,7 +54,8 @@ def get_backend(name="auto"):
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; choose one of "
                          f"{', '.join(('auto',) + BACKEND_NAMES)}")
-    return _load(name)
+    shared = _load(name)
+    return type(shared)(**options) if options else shared
 
 
 def available_backends():
@@ -72,13 +75,13 @@ def _load(name):
         if name in _instances:
             return _instances[name]
         if name in _failures:
-            raise _failures[name]
+            raise BackendUnavailable(_failures[name])
         module_name, class_name = _REGISTRY[name]
         try:
             module = importlib.import_module(module_name)
             instance = getattr(module, class_name)()
         except BackendUnavailable as exc:
-            _failures[name] = exc
+            _failures[name] = str(exc)
             raise
         _instances[name] = instance
         return instance

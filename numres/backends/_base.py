@@ -27,6 +27,10 @@ class Backend(abc.ABC):
     def to_nchw(self, act):
         """Return an activation as a new (N, C, H, W) array of the backend's array type."""
 
+    def to_device(self, x):
+        """Move a validated float32 NCHW input to where the backend computes (default: as is)."""
+        return x
+
     def to_numpy(self, array):
         """Return a backend array (any shape) as a NumPy array."""
         return np.asarray(array)
@@ -68,6 +72,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def linear(self, x, fc):
         """``x @ weight.T + bias`` on an (N, in) array."""
+
+    def execute(self, cache, key, fn, x):
+        """Run a whole forward pass ``fn(x)``. Device backends may capture and replay it
+        (``cache`` is a dict that lives as long as the model's prepared weights)."""
+        return fn(x)
 
     def synchronize(self):
         """Wait for queued device work (a no-op on the CPU)."""

@@ -25,12 +25,34 @@ _FREE = _baseline_refcount()
 
 
 class Workspace:
-    """``get(shape)`` returns a float32 array that no one else references."""
+    """``get(shape, dtype)`` returns an array that no one else references.
 
-    def __init__(self):
+    Args:
+        allocate: ``nbytes -> 1-D uint8 array`` (NumPy by default; the CUDA backend passes
+            a CuPy allocator).
+    """
+
+    def __init__(self, allocate=None):
+        self._allocate = allocate or (lambda nbytes: np.empty(nbytes, np.uint8))
         self._local = threading.local()
 
     def get(self, shape, dtype=np.float32):
+        buf = self._get(shape, dtype)
+        tracking = getattr(self._local, "tracking", None)
+        if tracking is not None:
+            tracking.append(buf.base if buf.base is not None else buf)
+        return buf
+
+    def track(self):
+        """Start recording every buffer handed out by this thread; ``untrack()`` returns them
+        (a CUDA graph holds on to the buffers it was captured with)."""
+        self._local.tracking = []
+
+    def untrack(self):
+        tracked, self._local.tracking = getattr(self._local, "tracking", None) or [], None
+        return tracked
+
+    def _get(self, shape, dtype):
         pools = getattr(self._local, "pools", None)
         if pools is None:
             pools = self._local.pools = {}
@@ -39,7 +61,7 @@ class Workspace:
         for i in range(len(entries)):
             if sys.getrefcount(entries[i]) == _FREE:
                 return entries[i].view(dtype).reshape(shape)
-        buf = np.empty(size, np.uint8)
+        buf = self._allocate(size)
         if len(entries) < _PER_SIZE:
             entries.append(buf)
         return buf.view(dtype).reshape(shape)

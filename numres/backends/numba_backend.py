@@ -127,7 +127,7 @@ class NumbaBackend(Backend):
     def from_nchw(self, x):
         n, c, h, w = x.shape
         out = self.workspace.get((n, h, w, c))
-        x = np.ascontiguousarray(x)
+        x = np.ascontiguousarray(x, np.float32)
         self._rows(n * h, out.size, K.nchw_to_nhwc, x, out)
         return out
 

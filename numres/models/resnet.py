@@ -212,7 +212,8 @@ class ResNet(Module):
                 blocks.append((stage, block, run))
         fc = self.fc.params
         return {"stem": _ConvBN(backend, self.conv1, self.bn1, fold), "blocks": blocks,
-                "fc": backend.prepare_linear(fc["weight"], fc["bias"])}
+                "fc": backend.prepare_linear(fc["weight"], fc["bias"]),
+                "graphs": {}}   # device backends' captured passes, tied to these weights
 
     # -- inference -------------------------------------------------------------------------
     def __call__(self, x):
@@ -224,9 +225,7 @@ class ResNet(Module):
 
     def forward(self, x):
         """Same as calling the model."""
-        plan, act, back = self._enter(x)
-        pooled = self._backend.global_avg_pool(self._trunk(plan, act, None))
-        return back(self._backend.linear(pooled, plan["fc"]))
+        return self._run(x, "logits")
 
     def features(self, x):
         """Pooled embedding before ``fc``: (N, 512) for ResNet-18/34, (N, 2048) for the rest.
@@ -234,8 +233,7 @@ class ResNet(Module):
         Example:
             >>> emb = numres.resnet50(pretrained=True).features(batch)   # (N, 2048)
         """
-        plan, act, back = self._enter(x)
-        return back(self._backend.global_avg_pool(self._trunk(plan, act, None)))
+        return self._run(x, "features")
 
     def feature_maps(self, x, stages=("layer1", "layer2", "layer3", "layer4")):
         """Intermediate feature maps, as torchvision's ``IntermediateLayerGetter``.
@@ -252,22 +250,31 @@ class ResNet(Module):
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
             raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-        plan, act, back = self._enter(x)
-        found = {}
-        self._trunk(plan, act, (stages, found))
-        return {s: back(found[s], nchw=True) for s in stages}
+        return self._run(x, "maps", stages)
 
-    def _enter(self, x):
+    def _run(self, x, kind, stages=()):
+        """Validate ``x``, run the network up to ``kind``, return results like ``x``."""
         backend = self._backend
         x = check_input(x, backend)
         on_device = backend.owns(x)
         plan = self._prepared()
 
-        def back(array, nchw=False):
-            out = backend.to_nchw(array) if nchw else array
-            return out if on_device else backend.to_numpy(out)
+        def forward(xd):
+            act = backend.from_nchw(xd)
+            if kind == "maps":
+                found = {}
+                self._trunk(plan, act, (stages, found))
+                return {s: backend.to_nchw(found[s]) for s in stages}
+            pooled = backend.global_avg_pool(self._trunk(plan, act, None))
+            return pooled if kind == "features" else backend.linear(pooled, plan["fc"])
 
-        return plan, backend.from_nchw(x), back
+        out = backend.execute(plan["graphs"], (kind, stages, tuple(x.shape)), forward,
+                              backend.to_device(x))
+        if on_device:
+            return out
+        if isinstance(out, dict):
+            return {k: backend.to_numpy(v) for k, v in out.items()}
+        return backend.to_numpy(out)
 
     def _trunk(self, plan, x, collect):
         """Run the stem and the four stages. ``collect`` = (stage names, dict to fill)."""
