@@ -13,6 +13,10 @@ import numpy as np
 from numba import njit
 
 kernel = njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+# Helpers are inlined into each kernel at Numba's level: called across compiled functions,
+# their loops were not vectorised (4x slower, measured).
+helper = njit(inline="always", cache=True, nogil=True, error_model="numpy",
+              boundscheck=False)
 
 
 @kernel
@@ -94,15 +98,38 @@ def subsample(r0, r1, x, stride, out_w, out):
             out[(row - r0) * out_w + ox, :] = x[n, oy * stride, ox * stride, :]
 
 
+@helper
+def epilogue_row(dst, src, bias, residual, has_residual, relu):
+    """dst = relu?(src + bias + residual?) on 1-D rows (dst may be src).
+
+    The branches are taken once per row, outside the element loops, and the zero is a
+    float32: either in the loop stops LLVM from vectorising it (measured 4-9x slower).
+    """
+    zero = np.float32(0.0)
+    n = dst.size
+    if has_residual:
+        if relu:
+            for j in range(n):
+                dst[j] = max(src[j] + bias[j] + residual[j], zero)
+        else:
+            for j in range(n):
+                dst[j] = src[j] + bias[j] + residual[j]
+    elif relu:
+        for j in range(n):
+            dst[j] = max(src[j] + bias[j], zero)
+    else:
+        for j in range(n):
+            dst[j] = src[j] + bias[j]
+
+
 @kernel
 def bias_act(m0, m1, c0, c1, y, bias, residual, has_residual, relu):
     """In place on rows [m0, m1), columns [c0, c1) of (M, O): y = relu?(y + bias + res?)."""
+    b = bias[c0:c1]
     for r in range(m0, m1):
-        for j in range(c0, c1):
-            v = y[r, j] + bias[j]
-            if has_residual:
-                v += residual[r, j]
-            y[r, j] = max(v, 0.0) if relu else v
+        row = y[r, c0:c1]
+        res = residual[r, c0:c1] if has_residual else row
+        epilogue_row(row, row, b, res, has_residual, relu)
 
 
 @kernel
@@ -111,24 +138,23 @@ def bias_act_grouped(m0, m1, yg, bias, residual, has_residual, relu, out):
     groups, _, og = yg.shape
     for r in range(m0, m1):
         for g in range(groups):
-            for j in range(og):
-                o = g * og + j
-                v = yg[g, r - m0, j] + bias[o]
-                if has_residual:
-                    v += residual[r, o]
-                out[r, o] = max(v, 0.0) if relu else v
+            cols = slice(g * og, (g + 1) * og)
+            dst = out[r, cols]
+            res = residual[r, cols] if has_residual else dst
+            epilogue_row(dst, yg[g, r - m0], bias[cols], res, has_residual, relu)
 
 
 @kernel
 def batch_norm(m0, m1, x, scale, shift, residual, has_residual, relu, out):
     """Rows [m0, m1) of (M, C): out = relu?(x * scale + shift + residual?) (unfolded path)."""
     c = x.shape[1]
+    scaled = np.empty(c, np.float32)
     for r in range(m0, m1):
+        row = x[r]
         for j in range(c):
-            v = x[r, j] * scale[j] + shift[j]
-            if has_residual:
-                v += residual[r, j]
-            out[r, j] = max(v, 0.0) if relu else v
+            scaled[j] = row[j] * scale[j]
+        res = residual[r] if has_residual else scaled
+        epilogue_row(out[r], scaled, shift, res, has_residual, relu)
 
 
 @kernel

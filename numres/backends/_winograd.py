@@ -11,7 +11,8 @@ error within a few ulps of direct convolution; the tests bound it against the Nu
 
 import numpy as np
 
-from ._numba_kernels import kernel
+from . import _gemm
+from ._numba_kernels import epilogue_row, kernel
 
 TILE = 4          # output pixels per tile side
 ALPHA = TILE + 2  # input pixels per tile side
@@ -41,10 +42,14 @@ _BT32 = BT.astype(np.float32)
 _AT32 = AT.astype(np.float32)
 
 
-def transform_weights(weight):
-    """(3, 3, C, O) filters -> (36, C, O) transformed filters ``G g G^T``, in float64."""
+def transform_weights(weight, packed):
+    """(3, 3, C, O) filters -> transformed filters ``G g G^T`` (computed in float64): (36, C, O)
+    for BLAS, or with ``packed`` (36, panels, C, NR) panels for numres's GEMM."""
     u = np.einsum("ik,klco,jl->ijco", G, weight.astype(np.float64), G)  # (6, 6, C, O)
-    return np.ascontiguousarray(u.reshape(ALPHA * ALPHA, *u.shape[2:]), np.float32)
+    u = np.ascontiguousarray(u.reshape(ALPHA * ALPHA, *u.shape[2:]), np.float32)
+    if packed:
+        return np.stack([_gemm.pack_weights(ue) for ue in u])
+    return u
 
 
 def tiles(h, w):
@@ -132,41 +137,44 @@ def output_transform(r0, r1, m, at, bias, residual, has_residual, relu, y):
                     ox = tx * 4 + j
                     if ox >= w:
                         break
-                    for co in range(o):
-                        acc[co] = bias[co]
+                    acc[:] = 0.0
                     for k in range(6):
                         coef = at[j, k]
                         if coef != 0.0:
                             for co in range(o):
                                 acc[co] += coef * tmp[i, k, co]
                     r = (n * h + oy) * w + ox
-                    for co in range(o):
-                        val = acc[co]
-                        if has_residual:
-                            val += residual[r, co]
-                        y[n, oy, ox, co] = max(val, 0.0) if relu else val
+                    dst = y[n, oy, ox]
+                    res = residual[r] if has_residual else dst
+                    epilogue_row(dst, acc, bias, res, has_residual, relu)
 
 
 def conv3x3(x, weight, out_channels, epilogue, workspace, executor, y):
     """Stride-1, padding-1 3x3 convolution of NHWC ``x`` into ``y`` with a fused epilogue.
 
-    ``weight`` is :func:`transform_weights`'s (36, C, O) array; ``epilogue`` is ``(bias,
-    residual rows (M, O), has_residual, relu)``. Each thread takes whole tile
-    rows and runs transform, 36 GEMMs and inverse transform on blocks of them, so the
-    transformed tiles stay in cache.
+    ``weight`` is :func:`transform_weights`'s array (packed 4-D for numres's GEMM, else
+    (36, C, O) for BLAS); ``epilogue`` is ``(bias, residual rows (M, O), has_residual,
+    relu)``. Each thread takes whole tile rows and runs transform, 36 GEMMs and inverse
+    transform on blocks of them, so the transformed tiles stay in cache.
     """
     n, h, w, c = x.shape
     th, tw = tiles(h, w)
     rows_per_block = max(1, BLOCK_TILES // tw)
+    own = weight.ndim == 4
+    width = weight.shape[1] * _gemm.NR if own else out_channels
 
     def work(r0, r1):
         for b0 in range(r0, r1, rows_per_block):
             b1 = min(b0 + rows_per_block, r1)
             t = (b1 - b0) * tw
-            v = workspace.get((ALPHA * ALPHA, t, c))
-            mm = workspace.get((ALPHA * ALPHA, t, out_channels))
+            rows = -(-t // _gemm.MR) * _gemm.MR if own else t   # whole microkernel tiles
+            v = workspace.get((ALPHA * ALPHA, rows, c))
+            mm = workspace.get((ALPHA * ALPHA, rows, width))
             input_transform(b0, b1, x, _BT32, v)
-            np.matmul(v, weight, out=mm)         # (36, t, C) @ (36, C, O) -> (36, t, O)
+            if own:
+                _gemm.batched_gemm(v, t, weight, mm)
+            else:
+                np.matmul(v, weight, out=mm)     # (36, t, C) @ (36, C, O) -> (36, t, O)
             output_transform(b0, b1, mm, _AT32, *epilogue, y)
 
     executor.run(n * th, work)

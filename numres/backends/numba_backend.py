@@ -26,6 +26,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised where numba is absent
     raise BackendUnavailable("the 'numba' backend needs Numba: pip install numba") from exc
 
+from . import _gemm
 from . import _numba_kernels as K
 from . import _winograd
 from ._parallel import Executor, default_threads
@@ -53,6 +54,9 @@ class Tuning:
     winograd_wide: int = 256 * 256
     #: Below this many output elements a simple kernel runs in the calling thread only.
     parallel_min_elements: int = 1 << 15
+    #: Use numres's own GEMM (``_gemm.py``) for ungrouped convolutions where the CPU has
+    #: AVX2/AVX-512; otherwise (or when False) BLAS.
+    own_gemm: bool = True
 
     def gemm_plan(self, m, k, n, threads):
         """How to run an (m, k) @ (k, n) convolution GEMM: "rows", "columns" or "blas"."""
@@ -72,7 +76,7 @@ class Tuning:
 @dataclass
 class Conv:
     kind: str               # "gemm" (1x1) | "im2col" | "grouped"
-    weight: np.ndarray      # (kh*kw*C, O), or (G, kh*kw*C/G, O/G) for "grouped"
+    weight: np.ndarray      # (kh*kw*C, O), (G, kh*kw*C/G, O/G) for "grouped"; None if packed
     bias: np.ndarray        # (O,)
     kernel_size: int
     stride: int
@@ -81,13 +85,17 @@ class Conv:
     out_channels: int
     winograd_capable: bool = False
     winograd: np.ndarray = field(default=None, repr=False)  # (36, C, O), made on first use
+    packed: np.ndarray = field(default=None, repr=False)    # numres GEMM panels, if used
 
     def winograd_weight(self):
         # Made on first use only: at batch 1 the deep layers never have enough tiles, and
         # the transformed filters are 4x the size of the plain ones.
         if self.winograd is None:
-            c, o = self.weight.shape[0] // 9, self.weight.shape[1]
-            self.winograd = _winograd.transform_weights(self.weight.reshape(3, 3, c, o))
+            plain = self.weight if self.packed is None else \
+                _gemm.unpack_weights(self.packed, self.out_channels)
+            c, o = plain.shape[0] // 9, plain.shape[1]
+            self.winograd = _winograd.transform_weights(plain.reshape(3, 3, c, o),
+                                                        packed=self.packed is not None)
         return self.winograd
 
 
@@ -151,6 +159,10 @@ class NumbaBackend(Backend):
         w = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(k * k * cg, o))
         kind = "gemm" if k == 1 and padding == 0 else "im2col"
         winograd = (k, stride, padding) == (3, 1, 1) and self.winograd
+        if self.tuning.own_gemm and _gemm.AVAILABLE:
+            # Only the packed panels are kept: the plain matrix would double the memory.
+            return Conv(kind, None, bias, k, stride, padding, groups, o, winograd,
+                        packed=_gemm.pack_weights(w))
         return Conv(kind, w, bias, k, stride, padding, groups, o, winograd)
 
     def prepare_batch_norm(self, mean, var, weight, bias, eps):
@@ -176,9 +188,30 @@ class NumbaBackend(Backend):
                               self.executor, y)
         elif conv.kind == "grouped":
             self._grouped(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+        elif conv.packed is not None:
+            self._own_gemm(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
         else:
             self._gemm(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
         return y
+
+    def _own_gemm(self, x, conv, out_h, out_w, epilogue, y2):
+        """numres's GEMM: each thread gathers, multiplies and finishes blocks of pixels; with
+        few pixels (deep layers, small batches) threads split the output channels instead."""
+        m, k_dim = y2.shape[0], conv.packed.shape[1]
+        panels = conv.packed.shape[0]
+        direct = conv.kind == "gemm" and conv.stride == 1
+        ex = self.executor
+
+        def work(m0, m1, p0, p1):
+            a = self.workspace.get((_gemm.MC, k_dim))
+            c = self.workspace.get((_gemm.MC, panels * _gemm.NR))
+            _gemm.conv_pixels(m0, m1, p0, p1, x, conv.kernel_size, conv.stride, conv.padding,
+                              out_h, out_w, direct, conv.packed, conv.out_channels, *epilogue,
+                              y2, a, c)
+        if m >= ex.threads * self.tuning.split_rows_min or panels < ex.threads:
+            ex.run(m, lambda m0, m1: work(m0, m1, 0, panels))
+        else:
+            ex.run(panels, lambda p0, p1: work(0, m, p0, p1))
 
     def _gemm(self, x, conv, out_h, out_w, epilogue, y2):
         """im2col/subsample (if needed) + GEMM + epilogue, split as :meth:`Tuning.gemm_plan` says."""

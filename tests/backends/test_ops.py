@@ -123,10 +123,13 @@ numba_backend = pytest.importorskip("numres.backends.numba_backend",
                                     reason="Numba is not installed")
 
 STRATEGIES = {
-    "rows": dict(blas_min_macs=10 ** 12, split_rows_min=1, row_block=16),
-    "columns": dict(blas_min_macs=10 ** 12, split_rows_min=10 ** 9),
-    "blas": dict(blas_min_macs=0, blas_min_n=0, blas_chunk=40),
+    "own-gemm-pixels": dict(split_rows_min=1),
+    "own-gemm-channels": dict(split_rows_min=10 ** 9),
+    "blas-rows": dict(own_gemm=False, blas_min_macs=10 ** 12, split_rows_min=1, row_block=16),
+    "blas-columns": dict(own_gemm=False, blas_min_macs=10 ** 12, split_rows_min=10 ** 9),
+    "blas-threads": dict(own_gemm=False, blas_min_macs=0, blas_min_n=0, blas_chunk=40),
     "winograd": dict(winograd_min_tiles=0, winograd_min_tiles_wide=0),
+    "winograd-blas": dict(own_gemm=False, winograd_min_tiles=0, winograd_min_tiles_wide=0),
     "no-winograd": dict(winograd_min_tiles=10 ** 9, winograd_min_tiles_wide=10 ** 9),
 }
 
@@ -198,6 +201,25 @@ def test_two_threads_share_one_model(backend, rng):
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.skipif(not numba_backend._gemm.AVAILABLE,
+                    reason="the CPU has neither AVX-512 nor AVX2+FMA (numres GEMM off)")
+@pytest.mark.parametrize("m,k,n", [(1, 3, 5), (13, 147, 64), (100, 300, 70), (49, 4608, 33)])
+def test_own_gemm_microkernel(rng, m, k, n):
+    """The LLVM-IR microkernel on ragged shapes: padded rows, partial panels, K chunks."""
+    g = numba_backend._gemm
+    tiles = -(-m // g.MR)
+    a = np.zeros((tiles * g.MR, k), np.float32)
+    a[:m] = rng.standard_normal((m, k))
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    packed = g.pack_weights(w)
+    c = np.full((tiles * g.MR, packed.shape[0] * g.NR), np.nan, np.float32)
+    g.gemm_block(a, m, packed, 0, packed.shape[0], c)
+    expected = a[:m].astype(np.float64) @ w
+    np.testing.assert_allclose(c[:m, :n], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(g.unpack_weights(packed, n), w)
+    assert packed.ctypes.data % 64 == 0
 
 
 def test_thread_setting_is_respected(monkeypatch):

@@ -1,0 +1,272 @@
+"""numres's own SGEMM for convolutions: a register-tiled FMA microkernel, weights packed once.
+
+Why not BLAS for everything: a convolution's weights never change, yet BLAS repacks them on
+every call, and at batch 1 the matrices are small enough that packing, the separate im2col
+pass and the separate epilogue pass cost as much as the multiply. Here the weights are
+packed at load time into NR-wide column panels; each thread takes a range of output rows
+(pixels), gathers a block of them (im2col/subsample/none) straight into the MR-row panels
+the microkernel reads, multiplies, and applies bias + residual + ReLU while the block is
+still in cache.
+
+The microkernel computes an MR x NR tile of C = A @ B in vector registers: per step of k it
+loads NR/VL vectors of B, broadcasts MR values of A, and issues MR * NR/VL fused
+multiply-adds. A is read where it lies (row-major, any leading dimension), so a 1x1
+convolution reads the activation itself and packs nothing. It is written in LLVM IR (a Numba intrinsic), since Numba has no vector
+types; LLVM turns the <VL x float> operations into AVX-512 or AVX2 instructions. Tile shapes
+per instruction set: AVX-512 12 x 32 (24 accumulators of 32 registers), AVX2 6 x 16 (12 of
+16). Without AVX2+FMA this module reports itself unavailable and BLAS is used instead.
+"""
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._workspace import aligned_empty
+
+
+def _vector_config():
+    """(VL, MR) for the host CPU, or None when it has neither AVX-512 nor AVX2 with FMA."""
+    try:
+        features = llvm_binding.get_host_cpu_features()
+    except RuntimeError:
+        return None
+    if features.get("avx512f"):
+        return 16, 12
+    if features.get("avx2") and features.get("fma"):
+        return 8, 6
+    return None
+
+
+_CONFIG = _vector_config()
+AVAILABLE = _CONFIG is not None
+VL, MR = _CONFIG or (8, 6)
+NR = 2 * VL
+# Depth of one packed A panel: with MR = 12 that is 12 KiB of A and 32 KiB of B per
+# microkernel call, both inside a 48 KiB L1 data cache.
+KC = 256
+# Output pixels per block a thread gathers, multiplies and finishes at once (a multiple of MR).
+MC = 12 * MR
+
+_JIT = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+
+
+@intrinsic
+def _data_ptr(typingctx, arr):
+    """The float32 data pointer of an array."""
+    sig = types.CPointer(types.float32)(arr)
+
+    def codegen(context, builder, signature, args):
+        return context.make_array(signature.args[0])(context, builder, args[0]).data
+    return sig, codegen
+
+
+def _make_microkernel(vl, mr, nr):
+    nv = nr // vl
+
+    @intrinsic
+    def microkernel(typingctx, kc, a, a_off, lda, b, b_off, c, c_off, ldc, accumulate):
+        """C[c_off + i*ldc + j] (+)= sum_p A[a_off + i*lda + p] * B[b_off + p*NR + j]."""
+        ptr = types.CPointer(types.float32)
+        sig = types.void(types.intp, ptr, types.intp, types.intp, ptr, types.intp, ptr,
+                         types.intp, types.intp, types.boolean)
+
+        def codegen(context, builder, signature, args):
+            kc, a, a_off, lda, b, b_off, c, c_off, ldc, accumulate = args
+            i64 = ir.IntType(64)
+            vec = ir.VectorType(ir.FloatType(), vl)
+            vptr = vec.as_pointer()
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vl}f32")
+            zero = ir.Constant(vec, None)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), vl), [0] * vl)
+            a = builder.gep(a, [a_off])
+            b = builder.gep(b, [b_off])
+            c = builder.gep(c, [c_off])
+
+            def const(v):
+                return ir.Constant(i64, v)
+
+            entry = builder.basic_block
+            loop = builder.append_basic_block("mk.loop")
+            done = builder.append_basic_block("mk.done")
+            builder.cbranch(builder.icmp_signed(">", kc, const(0)), loop, done)
+
+            builder.position_at_end(loop)
+            p = builder.phi(i64)
+            acc = [builder.phi(vec) for _ in range(mr * nv)]
+            b_row = builder.gep(b, [builder.mul(p, const(nr))])
+            bv = [builder.load(builder.bitcast(builder.gep(b_row, [const(vl * v)]), vptr),
+                               align=4) for v in range(nv)]
+            a_rows = [builder.gep(a, [builder.mul(const(i), lda)]) for i in range(mr)]
+            new = []
+            for i in range(mr):
+                s = builder.load(builder.gep(a_rows[i], [p]), align=4)
+                sv = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vec, ir.Undefined), s,
+                                           ir.Constant(ir.IntType(32), 0)),
+                    ir.Constant(vec, ir.Undefined), splat)
+                for v in range(nv):
+                    new.append(builder.call(fma, [sv, bv[v], acc[i * nv + v]]))
+            p_next = builder.add(p, const(1))
+            body_end = builder.basic_block
+            p.add_incoming(const(0), entry)
+            p.add_incoming(p_next, body_end)
+            for phi, value in zip(acc, new):
+                phi.add_incoming(zero, entry)
+                phi.add_incoming(value, body_end)
+            builder.cbranch(builder.icmp_signed("<", p_next, kc), loop, done)
+
+            builder.position_at_end(done)
+            results = []
+            for value in new:                  # every phi first: LLVM wants them on top
+                result = builder.phi(vec)
+                result.add_incoming(zero, entry)
+                result.add_incoming(value, body_end)
+                results.append(result)
+            for i in range(mr):
+                c_row = builder.gep(c, [builder.mul(const(i), ldc)])
+                for v in range(nv):
+                    result = results[i * nv + v]
+                    where = builder.bitcast(builder.gep(c_row, [const(vl * v)]), vptr)
+                    old = builder.load(where, align=4)
+                    total = builder.select(accumulate, builder.fadd(result, old), result)
+                    builder.store(total, where, align=4)
+        return sig, codegen
+    return microkernel
+
+
+_microkernel = _make_microkernel(VL, MR, NR)
+
+
+def pack_weights(w):
+    """(K, N) weights -> (ceil(N / NR), K, NR) column panels, zero-padded to whole panels."""
+    k, n = w.shape
+    panels = -(-n // NR)
+    packed = aligned_empty((panels, k, NR))          # B rows are whole cache lines
+    padded = np.zeros((k, panels * NR), np.float32)
+    padded[:, :n] = w
+    packed[:] = padded.reshape(k, panels, NR).transpose(1, 0, 2)   # (panel, K, NR)
+    return packed
+
+
+@njit(**_JIT)
+def gemm_block(a, rows, bp, p0, p1, c):
+    """c[:tiles*MR, p0*NR:p1*NR] = a[:tiles*MR] @ B for column panels [p0, p1) of packed B.
+
+    ``a`` is row-major (M, K) with at least ``tiles * MR`` rows (rows past ``rows`` are
+    computed but meaningless); ``c`` is row-major with a row stride of all panels * NR.
+    """
+    k = a.shape[1]
+    tiles = (rows + MR - 1) // MR
+    ldc = c.shape[1]
+    a_ptr, b_ptr, c_ptr = _data_ptr(a), _data_ptr(bp), _data_ptr(c)
+    for pc in range(0, k, KC):
+        kc = min(KC, k - pc)
+        for jp in range(p0, p1):
+            b_off = (jp * k + pc) * NR
+            for t in range(tiles):
+                _microkernel(kc, a_ptr, t * MR * k + pc, k, b_ptr, b_off, c_ptr,
+                             t * MR * ldc + jp * NR, ldc, pc > 0)
+
+
+@njit(**_JIT)
+def gather(x, k, stride, pad, out_h, out_w, m0, m1, a):
+    """a[m - m0, (ky, kx, c)] = x[n, oy*s - p + ky, ox*s - p + kx, c] for pixels [m0, m1)
+    of the output (m = (n, oy, ox)), 0 outside the image: im2col (k > 1) or the subsample of
+    a strided 1x1 convolution (k == 1), row-major as the microkernel reads it."""
+    _, h, w, c = x.shape
+    kc = k * c
+    xf = x.ravel()
+    for m in range(m0, m1):
+        ox = m % out_w
+        rest = m // out_w
+        oy = rest % out_h
+        n = rest // out_h
+        dst = a[m - m0]
+        ix0 = ox * stride - pad
+        lo = max(0, -ix0) * c
+        hi = min(k, w - ix0) * c
+        for ky in range(k):
+            iy = oy * stride - pad + ky
+            d = ky * kc
+            if iy < 0 or iy >= h or lo >= hi:
+                dst[d:d + kc] = 0.0
+                continue
+            src = ((n * h + iy) * w + ix0) * c
+            if c < 16:     # the 3-channel stem: element copies beat short slice copies
+                for j in range(lo):
+                    dst[d + j] = 0.0
+                for j in range(lo, hi):
+                    dst[d + j] = xf[src + j]
+                for j in range(hi, kc):
+                    dst[d + j] = 0.0
+            else:
+                dst[d:d + lo] = 0.0
+                dst[d + lo:d + hi] = xf[src + lo:src + hi]
+                dst[d + hi:d + kc] = 0.0
+
+
+@njit(**_JIT)
+def conv_pixels(m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_out, bias,
+                residual, has_residual, relu, y2, a, c):
+    """Output pixels [m0, m1), column panels [p0, p1): gather, multiply, epilogue, in blocks.
+
+    ``direct``: the activation is the GEMM input as it lies (1x1, stride 1), so only blocks
+    at the ragged end are copied. ``a`` (MC, K) and ``c`` (MC, panels*NR) are this thread's
+    scratch; ``y2`` is the (M, n_out) output.
+    """
+    k_dim = bp.shape[1]
+    x2 = x.reshape(-1, x.shape[3])
+    total = x2.shape[0] if direct else y2.shape[0]
+    c0, c1 = p0 * NR, min(p1 * NR, n_out)
+    zero = np.float32(0.0)
+    for b0 in range(m0, m1, MC):
+        b1 = min(b0 + MC, m1)
+        rows = b1 - b0
+        padded = (rows + MR - 1) // MR * MR
+        if direct and b0 + padded <= total:
+            src = x2[b0:b0 + padded]
+        elif direct:
+            a[:rows] = x2[b0:b1]
+            a[rows:padded] = 0.0
+            src = a[:padded]
+        else:
+            gather(x, k, stride, pad, out_h, out_w, b0, b1, a)
+            a[rows:padded] = 0.0
+            src = a[:padded]
+        gemm_block(src, rows, bp, p0, p1, c)
+        for r in range(rows):
+            dst = y2[b0 + r, c0:c1]
+            acc = c[r, c0:c1]
+            b = bias[c0:c1]
+            if has_residual:
+                res = residual[b0 + r, c0:c1]
+                if relu:
+                    for j in range(dst.size):
+                        dst[j] = max(acc[j] + b[j] + res[j], zero)
+                else:
+                    for j in range(dst.size):
+                        dst[j] = acc[j] + b[j] + res[j]
+            elif relu:
+                for j in range(dst.size):
+                    dst[j] = max(acc[j] + b[j], zero)
+            else:
+                for j in range(dst.size):
+                    dst[j] = acc[j] + b[j]
+
+
+@njit(**_JIT)
+def batched_gemm(a, rows, bp, c):
+    """c[e] = a[e] @ B[e] for each e: ``a`` (E, >= tiles*MR, K), ``bp`` (E, panels, K, NR)
+    packed, ``c`` (E, >= tiles*MR, panels*NR). The 36 products of a Winograd block."""
+    for e in range(a.shape[0]):
+        gemm_block(a[e], rows, bp[e], 0, bp.shape[1], c[e])
+
+
+def unpack_weights(packed, n):
+    """Inverse of :func:`pack_weights`: (panels, K, NR) -> (K, n)."""
+    panels, k, nr = packed.shape
+    return packed.transpose(1, 0, 2).reshape(k, panels * nr)[:, :n]   # (K, panels*NR)
