@@ -4,6 +4,7 @@
     numres features IMG_DIR --out feats.npy
     numres inspect FILE.pth
     numres fetch ARCH [--weights V2]
+    numres warmup
     numres bench
 
 Failures print one line to stderr and exit with status 1 (usage errors: 2).
@@ -143,6 +144,15 @@ def cmd_fetch(args):
     print(f"{args.arch} {weights.tag}: {path}")
 
 
+def cmd_warmup(args):
+    import time
+
+    from .backends.numba_backend import warmup
+    start = time.perf_counter()
+    warmup()
+    print(f"numres: CPU kernels ready ({time.perf_counter() - start:.1f} s)")
+
+
 def cmd_bench(args, extra):
     from .bench import main
     main(extra, defaults={"models": "resnet18,resnet50", "batches": "1,8", "rounds": 5,
@@ -179,6 +189,9 @@ def make_parser():
     fetch.add_argument("arch", choices=list(ARCHS), metavar="ARCH")
     fetch.add_argument("--weights", default="DEFAULT", help="V1, V2 or DEFAULT")
     fetch.set_defaults(func=cmd_fetch)
+
+    warm = sub.add_parser("warmup", help="compile the CPU kernels now (once per machine)")
+    warm.set_defaults(func=cmd_warmup)
 
     bench = sub.add_parser("bench", help="short benchmark (all options: numres bench --help)",
                            add_help=False)

@@ -136,3 +136,10 @@ def test_fetch_into_the_cache(monkeypatch, file_server, capsys):
 
 def test_python_dash_m_and_version():
     assert run("--version").stdout.strip() == f"numres {numres.__version__}"
+
+
+def test_warmup_compiles_every_kernel(capsys):
+    from numres.backends.numba_backend import kernels_cached
+    assert cli.main(["warmup"]) == 0
+    assert "CPU kernels ready" in capsys.readouterr().out
+    assert kernels_cached()

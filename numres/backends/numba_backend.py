@@ -13,6 +13,8 @@ threads: ``NUMRES_NUM_THREADS``, else ``OMP_NUM_THREADS``, else every CPU of the
 """
 
 import os
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +113,51 @@ class Linear:
     bias: np.ndarray
 
 
+def kernels_cached():
+    """Whether this machine already has the compiled kernels on disk (Numba's cache)."""
+    try:
+        return os.path.exists(_gemm.conv_pixels._cache._cache_file._index_path)
+    except AttributeError:  # a Numba without this internal layout: assume compiled
+        return True
+
+
+_notice_lock = threading.Lock()
+_noticed = False
+
+
+def _compile_notice():
+    global _noticed
+    with _notice_lock:
+        if _noticed or kernels_cached():
+            return
+        _noticed = True
+    sys.stderr.write("numres: compiling the CPU kernels for this machine; this happens once "
+                     "(about 15 s on 2 cores) and is cached. 'numres warmup' does it ahead.\n")
+
+
+def warmup():
+    """Compile (or load from cache) every kernel the backend uses, on tiny arrays, so that
+    no later call pauses: each convolution path, Winograd, grouped convolution, unfolded
+    batch norm, pooling and the layout change."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 9, 9)).astype(np.float32)
+    for be in (NumbaBackend(threads=1, winograd_min_tiles=0, winograd_min_tiles_wide=0),
+               NumbaBackend(threads=1, own_gemm=False)):
+        act = be.from_nchw(x)
+        for k, s, p, g in ((1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1),
+                           (3, 1, 1, 4)):
+            conv = be.prepare_conv(rng.standard_normal((8, 8 // g, k, k)).astype(np.float32),
+                                   np.zeros(8, np.float32), s, p, g)
+            out = be.conv2d(act, conv, relu=True)
+            be.conv2d(act, conv, relu=False, residual=out if s == 1 else None)
+        stem = be.prepare_conv(np.zeros((8, 3, 7, 7), np.float32), None, 2, 3, 1)
+        be.conv2d(be.from_nchw(x[:, :3]), stem, relu=True)
+        ones = np.ones(8, np.float32)
+        be.batch_norm(act, be.prepare_batch_norm(ones, ones, ones, ones, 1e-5), relu=True,
+                      residual=act)
+        be.max_pool2d(act, 3, 2, 1)
+
+
 class NumbaBackend(Backend):
     """NHWC CPU backend. Activations are (N, H, W, C) float32 NumPy arrays.
 
@@ -130,6 +177,7 @@ class NumbaBackend(Backend):
         self.winograd = winograd and os.environ.get("NUMRES_WINOGRAD", "1") != "0"
         self.executor = Executor(threads)
         self.workspace = Workspace()
+        _compile_notice()
 
     # -- data movement ---------------------------------------------------------------------
     def from_nchw(self, x):
