@@ -177,12 +177,25 @@ def layer_breakdown(arch, batch, size, ckpt, backend, top):
     return total, [(label, count, seconds) for seconds, label, count in rows[:top]]
 
 
+def _peak_rss_mib():
+    """Peak RSS of this process's address space (VmHWM). Not getrusage's ru_maxrss, which
+    Linux carries across fork/exec: a child would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_child(args):
     """Run in a fresh process: load one contender, run one batch, print peak RSS (MiB)."""
     name, arch, batch, size, ckpt = args
     batch, size = int(batch), int(size)
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss_mib()
     if name.startswith("numres-"):
         model = numres.build(arch, weights=ckpt, backend=name.split("-", 1)[1])
         for _ in range(2):
@@ -190,7 +203,7 @@ def memory_child(args):
     else:
         mods, _ = import_torch()
         torch, tv = mods
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = _peak_rss_mib()
         tm = getattr(tv.models, arch)()
         tm.load_state_dict(torch.load(ckpt))
         tm.eval()
@@ -201,8 +214,8 @@ def memory_child(args):
         with torch.inference_mode():
             for _ in range(2):
                 tm(xt)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": peak / 1024, "above_imports_mib": (peak - base) / 1024}))
+    peak = _peak_rss_mib()
+    print(json.dumps({"peak_mib": peak, "above_imports_mib": peak - base}))
 
 
 def measure_memory(name, arch, batch, size, ckpt):

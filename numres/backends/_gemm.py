@@ -24,6 +24,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._numba_kernels import epilogue_row
 from ._workspace import aligned_empty
 
 
@@ -222,7 +223,6 @@ def conv_pixels(m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_o
     x2 = x.reshape(-1, x.shape[3])
     total = x2.shape[0] if direct else y2.shape[0]
     c0, c1 = p0 * NR, min(p1 * NR, n_out)
-    zero = np.float32(0.0)
     for b0 in range(m0, m1, MC):
         b1 = min(b0 + MC, m1)
         rows = b1 - b0
@@ -238,24 +238,11 @@ def conv_pixels(m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_o
             a[rows:padded] = 0.0
             src = a[:padded]
         gemm_block(src, rows, bp, p0, p1, c)
+        b = bias[c0:c1]
         for r in range(rows):
             dst = y2[b0 + r, c0:c1]
-            acc = c[r, c0:c1]
-            b = bias[c0:c1]
-            if has_residual:
-                res = residual[b0 + r, c0:c1]
-                if relu:
-                    for j in range(dst.size):
-                        dst[j] = max(acc[j] + b[j] + res[j], zero)
-                else:
-                    for j in range(dst.size):
-                        dst[j] = acc[j] + b[j] + res[j]
-            elif relu:
-                for j in range(dst.size):
-                    dst[j] = max(acc[j] + b[j], zero)
-            else:
-                for j in range(dst.size):
-                    dst[j] = acc[j] + b[j]
+            res = residual[b0 + r, c0:c1] if has_residual else dst
+            epilogue_row(dst, c[r, c0:c1], b, res, has_residual, relu)
 
 
 @njit(**_JIT)

@@ -4,8 +4,9 @@ Activations are (N, H, W, C) float32, C-contiguous, so channels are the innermos
 every kernel here: those loops are unit-stride and LLVM vectorises them.
 
 Each kernel is serial and releases the GIL; it works on a range of "rows" ``[r0, r1)``, where
-a row is one (image, output row) pair, and :mod:`._parallel` hands ranges to threads. Kernels
-that fill a per-block scratch buffer (``im2col``, ``subsample``) write it relative to ``r0``.
+a row is one (image, output row) pair or one pixel, and :mod:`._parallel` hands ranges to
+threads. ``im2col_grouped`` fills a per-block scratch buffer relative to ``r0``. (The
+ungrouped gather and GEMM live in ``_gemm.py``.)
 ``cache=True`` keeps compiled code on disk, so only the first use on a machine compiles.
 """
 
@@ -17,49 +18,6 @@ kernel = njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
 # their loops were not vectorised (4x slower, measured).
 helper = njit(inline="always", cache=True, nogil=True, error_model="numpy",
               boundscheck=False)
-
-
-@kernel
-def im2col(r0, r1, x, k, stride, pad, out_w, cols):
-    """cols[(row - r0) * out_w + ox, (ky, kx, c)] = x[n, oy*s - p + ky, ox*s - p + kx, c].
-
-    Zero outside the image. In NHWC the k taps of one kernel row are k*C contiguous floats,
-    so each (output pixel, kernel row) is one contiguous copy, clipped at the border. Short
-    runs (the 3-channel stem: 21 floats) are copied element by element on flat indices,
-    which is 2.5x faster there than slice assignment; long runs use slices (memcpy-like).
-    """
-    n_img, h, w, c = x.shape
-    out_h = (h + 2 * pad - k) // stride + 1
-    kc = k * c
-    width = k * kc
-    xf = x.ravel()
-    cf = cols.ravel()
-    for row in range(r0, r1):
-        n = row // out_h
-        oy = row % out_h
-        for ox in range(out_w):
-            dst0 = ((row - r0) * out_w + ox) * width
-            ix0 = ox * stride - pad
-            lo = max(0, -ix0) * c
-            hi = min(k, w - ix0) * c
-            for ky in range(k):
-                iy = oy * stride - pad + ky
-                d = dst0 + ky * kc
-                if iy < 0 or iy >= h or lo >= hi:
-                    cf[d:d + kc] = 0.0
-                    continue
-                src = ((n * h + iy) * w + ix0) * c
-                if c < 16:
-                    for j in range(lo):
-                        cf[d + j] = 0.0
-                    for j in range(lo, hi):
-                        cf[d + j] = xf[src + j]
-                    for j in range(hi, kc):
-                        cf[d + j] = 0.0
-                else:
-                    cf[d:d + lo] = 0.0
-                    cf[d + lo:d + hi] = xf[src + lo:src + hi]
-                    cf[d + hi:d + kc] = 0.0
 
 
 @kernel
@@ -84,18 +42,6 @@ def im2col_grouped(r0, r1, x, k, stride, pad, out_w, groups, cols):
                     else:
                         for g in range(groups):
                             cols[g, r, base:base + cg] = 0.0
-
-
-@kernel
-def subsample(r0, r1, x, stride, out_w, out):
-    """out[(row - r0) * out_w + ox, :] = x[n, oy*s, ox*s, :] (a strided 1x1 conv's input)."""
-    h = x.shape[1]
-    out_h = (h - 1) // stride + 1
-    for row in range(r0, r1):
-        n = row // out_h
-        oy = row % out_h
-        for ox in range(out_w):
-            out[(row - r0) * out_w + ox, :] = x[n, oy * stride, ox * stride, :]
 
 
 @helper

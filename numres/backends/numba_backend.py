@@ -1,14 +1,17 @@
-"""The fast CPU backend: NHWC activations, BLAS GEMMs, Numba for everything else.
+"""The fast CPU backend: NHWC activations, numres's own GEMM, Numba for everything else.
 
 Layout choice: with channels last, a 1x1 convolution is one GEMM on the activation as it lies
 in memory, ``(N*H*W, C) @ (C, O)``, and its result is already the next layer's NHWC input.
-A kxk convolution gathers its windows once (``im2col``) and runs one GEMM; a stride-1 3x3
+A kxk convolution gathers its windows per block of output pixels (im2col) into the GEMM.
+The GEMM is ``_gemm.py``'s FMA microkernel with weights packed once at load time; bias,
+residual add and ReLU are applied while each block is still in cache. A stride-1 3x3
 convolution with enough tiles uses Winograd F(4x4, 3x3) instead (2.25x fewer multiplies).
-Bias, residual add and ReLU are one pass over the GEMM output, in place. Scratch buffers are
-reused across layers and calls (``_workspace.py``).
+Grouped convolutions (ResNeXt), the final linear layer, and CPUs without AVX2/AVX-512 use
+BLAS. Scratch buffers are reused across layers and calls (``_workspace.py``).
 
-Threads: the Numba kernels and BLAS take turns, never run at once, and use the same number of
-threads: ``NUMRES_NUM_THREADS``, else ``OMP_NUM_THREADS``, else every CPU of the process.
+Threads: each layer is split once across numres's threads (``_parallel.py``); BLAS, where it
+runs, is single-threaded inside them or alone on its own threads, never both at once.
+``NUMRES_NUM_THREADS``, else ``OMP_NUM_THREADS``, else every CPU of the process;
 ``NUMRES_NUM_THREADS`` also sets BLAS's count (through threadpoolctl).
 """
 
@@ -32,6 +35,7 @@ from . import _gemm
 from . import _numba_kernels as K
 from . import _winograd
 from ._parallel import Executor, default_threads
+
 
 @dataclass
 class Tuning:
@@ -239,7 +243,7 @@ class NumbaBackend(Backend):
         elif conv.packed is not None:
             self._own_gemm(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
         else:
-            self._gemm(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+            self._blas_gemm(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
         return y
 
     def _own_gemm(self, x, conv, out_h, out_w, epilogue, y2):
@@ -261,8 +265,9 @@ class NumbaBackend(Backend):
         else:
             ex.run(panels, lambda p0, p1: work(0, m, p0, p1))
 
-    def _gemm(self, x, conv, out_h, out_w, epilogue, y2):
-        """im2col/subsample (if needed) + GEMM + epilogue, split as :meth:`Tuning.gemm_plan` says."""
+    def _blas_gemm(self, x, conv, out_h, out_w, epilogue, y2):
+        """BLAS fallback (CPUs without AVX2/AVX-512, or ``own_gemm=False``): gather (if
+        needed) + GEMM + epilogue, split as :meth:`Tuning.gemm_plan` says."""
         n, _, _, c = x.shape
         o = conv.out_channels
         gather = conv.kind == "im2col" or conv.stride > 1
@@ -317,10 +322,9 @@ class NumbaBackend(Backend):
 
     @staticmethod
     def _gather_into(x, conv, r0, r1, out_w, a):
-        if conv.kind == "im2col":
-            K.im2col(r0, r1, x, conv.kernel_size, conv.stride, conv.padding, out_w, a)
-        else:
-            K.subsample(r0, r1, x, conv.stride, out_w, a)
+        out_h = conv_output_size(x.shape[1], conv.kernel_size, conv.stride, conv.padding)
+        _gemm.gather(x, conv.kernel_size, conv.stride, conv.padding, out_h, out_w,
+                     r0 * out_w, r1 * out_w, a)
 
     def _grouped(self, x, conv, out_h, out_w, epilogue, y2):
         """Grouped convolution: per block, im2col into (G, rows, K) and G GEMMs."""
