@@ -1,9 +1,12 @@
 """Reusable scratch buffers, safe across threads and against buffers that escape.
 
 Allocating a fresh multi-megabyte array per layer costs page faults on every call. The pool
-hands out an array only when nothing but the pool refers to it: the reference count tells,
-so a buffer still held by the caller (a returned view, a feature map) is never reused. Pools
-are per thread, so two threads calling one model never share a buffer.
+hands out a buffer only when nothing but the pool refers to it: the reference count tells,
+so a buffer still held by the caller (a returned view, a feature map) is never reused. Any
+free buffer large enough serves a request (the smallest such), so the early layers' large
+buffers serve the later layers too and the pool's size follows the largest set of buffers
+alive at once, not the sum over layers. Pools are per thread, so two threads calling one
+model never share a buffer.
 """
 
 import sys
@@ -11,8 +14,9 @@ import threading
 
 import numpy as np
 
-# Most arrays of one size kept; beyond it a request is served by a plain allocation.
-_PER_SIZE = 6
+# Most buffers kept per thread; beyond it a request is served by a plain allocation.
+_MAX_BUFFERS = 64
+_SLACK = 64   # bytes allocated beyond each request, to align its start to a cache line
 
 
 def aligned_empty(shape, dtype=np.float32, align=64):
@@ -48,7 +52,7 @@ class Workspace:
     def __init__(self, allocate=None):
         # Returns the buffer that owns its memory: views handed out keep it as their .base,
         # which is what the reference count below sees.
-        self._allocate = allocate or (lambda nbytes: np.empty(nbytes + 64, np.uint8))
+        self._allocate = allocate or (lambda nbytes: np.empty(nbytes + _SLACK, np.uint8))
         self._local = threading.local()
 
     def get(self, shape, dtype=np.float32):
@@ -68,19 +72,25 @@ class Workspace:
         return tracked
 
     def _get(self, shape, dtype):
-        pools = getattr(self._local, "pools", None)
-        if pools is None:
-            pools = self._local.pools = {}
+        local = self._local
+        if getattr(local, "buffers", None) is None:
+            local.buffers, local.sizes = [], []
+        buffers, sizes = local.buffers, local.sizes
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        entries = pools.setdefault(size, [])
-        for i in range(len(entries)):
-            if sys.getrefcount(entries[i]) == _FREE:
-                return _aligned_view(entries[i], size).view(dtype).reshape(shape)
-        buf = self._allocate(size)
-        if len(entries) < _PER_SIZE:
-            entries.append(buf)
+        best = -1
+        for i in range(len(buffers)):       # the smallest free buffer that fits
+            if sizes[i] >= size and (best < 0 or sizes[i] < sizes[best]) \
+                    and sys.getrefcount(buffers[i]) == _FREE:
+                best = i
+        if best >= 0:
+            buf = buffers[best]
+        else:
+            buf = self._allocate(size)
+            if len(buffers) < _MAX_BUFFERS:
+                buffers.append(buf)
+                sizes.append(size)
         return _aligned_view(buf, size).view(dtype).reshape(shape)
 
     def clear(self):
         """Drop this thread's buffers."""
-        self._local.pools = {}
+        self._local.buffers = None
