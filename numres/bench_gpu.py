@@ -112,8 +112,8 @@ def check(archs, report):
     for arch in archs:
         ref_model = numres.build(arch, backend="numpy")
         sd = ref_model.state_dict()
-        x = np.random.default_rng(0).standard_normal((2, 3) + sizes.get(arch, (32, 32))
-                                                      ).astype(np.float32)
+        shape = (2, 3) + sizes.get(arch, (32, 32))
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         expected = ref_model(x)
         scale = max(1.0, float(np.abs(expected).max()))
         for label, opts, limit in (("float32", {}, 1e-4), ("tf32", {"tf32": True}, 5e-3),

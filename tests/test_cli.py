@@ -116,13 +116,10 @@ def test_offline_download_is_one_line(workspace, tmp_path):
                    "resnet50-11ad3fa6.pth")
 
 
-def test_fetch_into_the_cache(monkeypatch, file_server, capsys):
-    data_model = numres.resnet18(backend="numpy")
+def test_fetch_into_the_cache(monkeypatch, file_server, capsys, tmp_path):
     import hashlib
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        numres.save_pth(data_model.state_dict(), f"{tmp}/x.pth")
-        data = open(f"{tmp}/x.pth", "rb").read()
+    numres.save_pth(numres.resnet18(backend="numpy").state_dict(), tmp_path / "x.pth")
+    data = (tmp_path / "x.pth").read_bytes()
     name = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
     weights = registry.Weights(**{**registry.REGISTRY["resnet18"]["IMAGENET1K_V1"].__dict__,
                                   "file_name": name})

@@ -11,8 +11,9 @@ still in cache.
 The microkernel computes an MR x NR tile of C = A @ B in vector registers: per step of k it
 loads NR/VL vectors of B, broadcasts MR values of A, and issues MR * NR/VL fused
 multiply-adds. A is read where it lies (row-major, any leading dimension), so a 1x1
-convolution reads the activation itself and packs nothing. It is written in LLVM IR (a Numba intrinsic), since Numba has no vector
-types; LLVM turns the <VL x float> operations into AVX-512 or AVX2 instructions. Tile shapes
+convolution reads the activation itself and packs nothing. It is written in LLVM IR (a Numba
+intrinsic), since Numba has no vector types; LLVM turns the <VL x float> operations into
+AVX-512 or AVX2 instructions. Tile shapes
 per instruction set: AVX-512 12 x 32 (24 accumulators of 32 registers), AVX2 6 x 16 (12 of
 16). Without AVX2+FMA this module reports itself unavailable and BLAS is used instead.
 """
@@ -219,7 +220,6 @@ def conv_pixels(m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_o
     at the ragged end are copied. ``a`` (MC, K) and ``c`` (MC, panels*NR) are this thread's
     scratch; ``y2`` is the (M, n_out) output.
     """
-    k_dim = bp.shape[1]
     x2 = x.reshape(-1, x.shape[3])
     total = x2.shape[0] if direct else y2.shape[0]
     c0, c1 = p0 * NR, min(p1 * NR, n_out)

@@ -61,8 +61,8 @@ def build(arch, pretrained=False, *, weights=None, num_classes=1000, backend="au
 
 
 def init_weights(model, seed=None):
-    """Initialise ``model`` (or one sub-module) in place with torchvision's initialisation: Kaiming-normal (fan_out) convolutions, BN weight 1 and
-    bias 0, and torch's default uniform for ``fc``."""
+    """Initialise ``model`` (or one sub-module) in place as torchvision does: Kaiming-normal
+    (fan_out) convolutions, BN weight 1 and bias 0, and torch's default uniform for ``fc``."""
     rng = np.random.default_rng(seed)
     for _, module in model.named_modules():
         kind = type(module).__name__

@@ -15,7 +15,7 @@ from numres import BackendUnavailable
 from numres._kernels import KERNELS, SOURCES, kernel_dir, kernel_source
 from numres.backends import get_backend
 
-from .test_ops import CONV_CASES, ORACLE, reference_conv, run_conv
+from .test_ops import CONV_CASES, ORACLE, case_id, reference_conv, run_conv
 
 
 def gpu_available():
@@ -116,7 +116,7 @@ def test_without_a_gpu_the_error_says_what_to_install():
 # -- on a GPU ----------------------------------------------------------------------------------
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_gpu_conv_matches_definition(rng, case):
     n, c, h, w, o, k, s, p, g = case
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)

@@ -39,6 +39,10 @@ def reference_conv(x, w, b, stride, padding, groups):
     return y + (0 if b is None else b[None, :, None, None])
 
 
+def case_id(case):
+    return "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*case)
+
+
 CONV_CASES = [
     # (n, c, h, w, o, k, stride, padding, groups)
     (1, 3, 23, 19, 8, 7, 2, 3, 1),     # stem-like, odd size
@@ -52,7 +56,7 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_conv2d_matches_definition(backend, rng, case):
     n, c, h, w, o, k, s, p, g = case
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
@@ -136,7 +140,7 @@ STRATEGIES = {
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_numba_strategies_agree_with_numpy(rng, strategy, threads, case):
     n, c, h, w, o, k, s, p, g = case
     be = numba_backend.NumbaBackend(threads=threads, **STRATEGIES[strategy])

@@ -2,6 +2,8 @@
 
 import hashlib
 import socket
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +23,9 @@ def tiny_checkpoint():
 
 
 def _checkpoint_bytes(state):
-    import io
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/x.pth"
-        numres.save_pth(state, path)
-        with open(path, "rb") as f:
-            return io.BytesIO(f.read()).getvalue()
+        numres.save_pth(state, Path(tmp) / "x.pth")
+        return (Path(tmp) / "x.pth").read_bytes()
 
 
 def cache_contents():
