@@ -5,7 +5,13 @@ layer, and OpenMP workers spin after each region, taking the cores from the BLAS
 run next (ResNet-18 ran 7x slower here). Instead every layer is split once, by output rows or
 channels, across this module's threads; each thread gathers its block of input (im2col), runs
 its GEMM on one core (OpenBLAS's per-thread setting) and applies the epilogue while the block
-is still in cache. Idle workers block on a queue and cost nothing.
+is still in cache. Idle workers block on a lock and cost nothing.
+
+Why not ``concurrent.futures``: at batch 1 a layer takes well under a millisecond, and a
+pool's futures, queue and condition variables cost ~30 us per hand-off; here each worker
+waits on a plain lock of its own (~10 us). A run already in progress (another Python thread
+calling a model, or a kernel that splits its own work) makes a second ``run`` execute in its
+caller's thread, so threads are never oversubscribed and nothing deadlocks.
 
 Where NumPy's BLAS cannot be limited per thread (not OpenBLAS >= 0.3.27), ``Executor`` runs
 everything in the calling thread and lets BLAS use its own threads.
@@ -14,7 +20,8 @@ everything in the calling thread and lets BLAS use its own threads.
 import contextlib
 import ctypes
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import weakref
 
 
 def default_threads():
@@ -53,8 +60,46 @@ def _openblas_local_setter():
     return None
 
 
+class _Worker:
+    """One thread that runs ``fn(start, stop)`` each time :meth:`start` hands it a range."""
+
+    def __init__(self, name, set_local):
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._job = None
+        self._error = None
+        self._set_local = set_local
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def _loop(self):
+        self._set_local(1)
+        while True:
+            self._go.acquire()
+            fn, start, stop = self._job
+            try:
+                fn(start, stop)
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
+                self._error = exc
+            self._job = None
+            self._done.release()
+
+    def start(self, fn, start, stop):
+        self._job = (fn, start, stop)
+        self._go.release()
+
+    def wait(self):
+        self._done.acquire()
+        error, self._error = self._error, None
+        return error
+
+
 class Executor:
     """``run(total, fn)`` calls ``fn(start, stop)`` on disjoint ranges covering ``[0, total)``.
+
+    Use :func:`shared` rather than constructing one: executors are per process and per thread
+    count, so models and backends share their threads.
 
     Args:
         threads: how many threads share the work (the caller is one of them).
@@ -63,10 +108,13 @@ class Executor:
     def __init__(self, threads):
         self._set_local = _openblas_local_setter() if threads > 1 else None
         self.threads = threads if self._set_local is not None else 1
-        self._workers = None
-        if self.threads > 1:
-            self._workers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="numres",
-                                               initializer=self._set_local, initargs=(1,))
+        self._start_workers()
+        _executors.add(self)
+
+    def _start_workers(self):
+        self._busy = threading.Lock()
+        self._workers = [_Worker(f"numres-{i}", self._set_local)
+                         for i in range(1, self.threads)]
 
     @property
     def parallel(self):
@@ -86,11 +134,51 @@ class Executor:
         if parts < 2:
             fn(0, total)
             return
-        bounds = [total * i // parts for i in range(parts + 1)]
-        futures = [self._workers.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-        try:
+        if not self._busy.acquire(blocking=False):
+            # The workers are taken (another caller, or a nested run): do it all here.
             with self._single_threaded_blas():
-                fn(bounds[0], bounds[1])
+                fn(0, total)
+            return
+        try:
+            bounds = [total * i // parts for i in range(parts + 1)]
+            started = []
+            try:
+                for i in range(1, parts):
+                    self._workers[i - 1].start(fn, bounds[i], bounds[i + 1])
+                    started.append(self._workers[i - 1])
+                with self._single_threaded_blas():
+                    fn(bounds[0], bounds[1])
+            finally:
+                errors = [worker.wait() for worker in started]
+            for error in errors:
+                if error is not None:
+                    raise error
         finally:
-            for future in futures:
-                future.result()
+            self._busy.release()
+
+
+_executors = weakref.WeakSet()
+_shared = {}
+_shared_lock = threading.Lock()
+
+
+def shared(threads):
+    """The process's :class:`Executor` for ``threads`` threads (made on first use)."""
+    with _shared_lock:
+        executor = _shared.get(threads)
+        if executor is None:
+            executor = _shared[threads] = Executor(threads)
+        return executor
+
+
+def _restart_after_fork():
+    # A forked child has none of the parent's threads (and may have copied a lock mid-run):
+    # every executor, including those a model already holds, gets fresh workers there.
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    for executor in list(_executors):
+        executor._start_workers()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_after_fork)

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _gemm
 from ._numba_kernels import epilogue_row, kernel
+from ._workspace import thread_scratch
 
 TILE = 4          # output pixels per tile side
 ALPHA = TILE + 2  # input pixels per tile side
@@ -151,7 +152,7 @@ def output_transform(r0, r1, m, at, bias, residual, has_residual, relu, y):
                     epilogue_row(dst, acc, bias, res, has_residual, relu)
 
 
-def conv3x3(x, weight, out_channels, epilogue, workspace, executor, y):
+def conv3x3(x, weight, out_channels, epilogue, executor, y):
     """Stride-1, padding-1 3x3 convolution of NHWC ``x`` into ``y`` with a fused epilogue.
 
     ``weight`` is :func:`transform_weights`'s array (packed 4-D for numres's GEMM, else
@@ -170,8 +171,8 @@ def conv3x3(x, weight, out_channels, epilogue, workspace, executor, y):
             b1 = min(b0 + rows_per_block, r1)
             t = (b1 - b0) * tw
             rows = -(-t // _gemm.MR) * _gemm.MR if own else t   # whole microkernel tiles
-            v = workspace.get((ALPHA * ALPHA, rows, c))
-            mm = workspace.get((ALPHA * ALPHA, rows, width))
+            v = thread_scratch("winograd_v", (ALPHA * ALPHA, rows, c))
+            mm = thread_scratch("winograd_m", (ALPHA * ALPHA, rows, width))
             input_transform(b0, b1, x, _BT32, v)
             if own:
                 _gemm.batched_gemm(v, t, weight, mm)

@@ -9,6 +9,7 @@ alive at once, not the sum over layers. Pools are per thread, so two threads cal
 model never share a buffer.
 """
 
+import math
 import sys
 import threading
 
@@ -27,8 +28,13 @@ def aligned_empty(shape, dtype=np.float32, align=64):
         dtype).reshape(shape)
 
 
+def _misalignment(raw, align=64):
+    """Bytes to skip from the start of ``raw`` to reach an ``align``-byte boundary."""
+    return -raw.ctypes.data % align if hasattr(raw, "ctypes") else 0
+
+
 def _aligned_view(raw, nbytes, align=64):
-    start = -raw.ctypes.data % align if hasattr(raw, "ctypes") else 0
+    start = _misalignment(raw, align)
     return raw[start:start + nbytes]
 
 
@@ -72,25 +78,47 @@ class Workspace:
         return tracked
 
     def _get(self, shape, dtype):
+        # Called several times per layer: kept to plain Python on small lists (~2 us).
         local = self._local
-        if getattr(local, "buffers", None) is None:
-            local.buffers, local.sizes = [], []
-        buffers, sizes = local.buffers, local.sizes
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        try:
+            buffers, sizes, starts = local.buffers, local.sizes, local.starts
+        except AttributeError:
+            buffers, sizes, starts = local.buffers, local.sizes, local.starts = [], [], []
+        dtype = np.dtype(dtype)
+        size = math.prod(shape) * dtype.itemsize
         best = -1
-        for i in range(len(buffers)):       # the smallest free buffer that fits
-            if sizes[i] >= size and (best < 0 or sizes[i] < sizes[best]) \
+        best_size = 0
+        for i, have in enumerate(sizes):       # the smallest free buffer that fits
+            if have >= size and (best < 0 or have < best_size) \
                     and sys.getrefcount(buffers[i]) == _FREE:
-                best = i
+                best, best_size = i, have
         if best >= 0:
-            buf = buffers[best]
+            buf, start = buffers[best], starts[best]
         else:
             buf = self._allocate(size)
+            start = _misalignment(buf)
             if len(buffers) < _MAX_BUFFERS:
                 buffers.append(buf)
                 sizes.append(size)
-        return _aligned_view(buf, size).view(dtype).reshape(shape)
+                starts.append(start)
+        return buf[start:start + size].view(dtype).reshape(shape)
 
     def clear(self):
         """Drop this thread's buffers."""
-        self._local.buffers = None
+        for name in ("buffers", "sizes", "starts"):
+            self._local.__dict__.pop(name, None)
+
+
+_scratch = threading.local()
+
+
+def thread_scratch(slot, shape):
+    """This thread's private array ``slot`` of ``shape`` float32, for data that lives only
+    within one kernel call (a thread's im2col block, its GEMM tile): no pool search, just a
+    buffer per thread that grows to the largest request and is reused."""
+    size = math.prod(shape)
+    buf = getattr(_scratch, slot, None)
+    if buf is None or buf.size < size:
+        buf = aligned_empty((size,))
+        setattr(_scratch, slot, buf)
+    return buf[:size].reshape(shape)

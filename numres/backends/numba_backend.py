@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable
 from ._base import Backend, conv_output_size
-from ._workspace import Workspace
+from ._workspace import Workspace, thread_scratch
 
 try:
     import numba  # noqa: F401  (the kernels below need it)
@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised where numba is absent
 from . import _gemm
 from . import _numba_kernels as K
 from . import _winograd
-from ._parallel import Executor, default_threads
+from ._parallel import default_threads, shared
 
 
 @dataclass
@@ -179,7 +179,7 @@ class NumbaBackend(Backend):
         if os.environ.get("NUMRES_NUM_THREADS"):
             _limit_blas_threads(threads)
         self.winograd = winograd and os.environ.get("NUMRES_WINOGRAD", "1") != "0"
-        self.executor = Executor(threads)
+        self.executor = shared(threads)
         self.workspace = Workspace()
         _compile_notice()
 
@@ -235,9 +235,9 @@ class NumbaBackend(Backend):
         epilogue = (conv.bias,
                     _EMPTY if residual is None else residual.reshape(m, o),   # (M, O) rows
                     residual is not None, relu)
-        if self.tuning.use_winograd(conv, n * np.prod(_winograd.tiles(h, w)), c):
-            _winograd.conv3x3(x, conv.winograd_weight(), o, epilogue, self.workspace,
-                              self.executor, y)
+        if conv.winograd_capable and self.tuning.use_winograd(
+                conv, n * -(-h // _winograd.TILE) * -(-w // _winograd.TILE), c):
+            _winograd.conv3x3(x, conv.winograd_weight(), o, epilogue, self.executor, y)
         elif conv.kind == "grouped":
             self._grouped(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
         elif conv.packed is not None:
@@ -255,8 +255,8 @@ class NumbaBackend(Backend):
         ex = self.executor
 
         def work(m0, m1, p0, p1):
-            a = self.workspace.get((_gemm.MC, k_dim))
-            c = self.workspace.get((_gemm.MC, panels * _gemm.NR))
+            a = thread_scratch("gemm_a", (_gemm.MC, k_dim))
+            c = thread_scratch("gemm_c", (_gemm.MC, panels * _gemm.NR))
             _gemm.conv_pixels(m0, m1, p0, p1, x, conv.kernel_size, conv.stride, conv.padding,
                               out_h, out_w, direct, conv.packed, conv.out_channels, *epilogue,
                               y2, a, c)

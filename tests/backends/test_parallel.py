@@ -1,0 +1,108 @@
+"""numres's thread pool and per-thread scratch (``backends/_parallel.py``, ``_workspace.py``)."""
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+
+from numres.backends import _parallel, _workspace
+
+
+def _two_threads():
+    executor = _parallel.Executor(2)
+    if executor.threads < 2:
+        pytest.skip("NumPy's BLAS is not OpenBLAS >= 0.3.27 (no per-thread limit): "
+                    "numres runs single-threaded there")
+    return executor
+
+
+def test_run_covers_the_range_once_on_distinct_threads():
+    executor = _two_threads()
+    seen, names = np.zeros(1001, np.int64), set()
+
+    def fn(start, stop):
+        seen[start:stop] += 1
+        names.add(threading.current_thread().name)
+    executor.run(1001, fn)
+    assert (seen == 1).all()
+    assert len(names) == 2
+
+
+def test_a_worker_error_reaches_the_caller_and_the_pool_still_works():
+    executor = _two_threads()
+
+    def fn(start, stop):
+        if start > 0:
+            raise KeyError("from the worker")
+    with pytest.raises(KeyError, match="from the worker"):
+        executor.run(10, fn)
+    out = np.zeros(10)
+    executor.run(10, lambda a, b: out.__setitem__(slice(a, b), 1))
+    assert out.sum() == 10
+
+
+def test_nested_and_concurrent_runs_fall_back_to_the_caller():
+    executor = _two_threads()
+    total = np.zeros(64, np.int64)
+
+    def inner(start, stop):
+        total[start:stop] += 1
+
+    def outer(start, stop):
+        # Runs while the pool is busy: must not wait for a worker that is running us.
+        executor.run(64, inner)
+    executor.run(2, outer)
+    assert (total == 2).all()
+
+    results = []
+
+    def caller():
+        acc = np.zeros(500, np.int64)
+        for _ in range(200):
+            executor.run(500, lambda a, b: acc.__setitem__(slice(a, b), acc[a:b] + 1))
+        results.append(acc)
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 3 and all((r == 200).all() for r in results)
+
+
+def _child_runs(executor, queue):
+    out = np.zeros(100)
+    executor.run(100, lambda a, b: out.__setitem__(slice(a, b), 1))
+    queue.put(float(out.sum()))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="this platform cannot fork")
+def test_a_forked_child_gets_working_threads():
+    """An executor the parent already used (as a model's backend holds it) works in a child."""
+    executor = _two_threads()
+    executor.run(10, lambda a, b: None)      # the parent's workers exist
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_runs, args=(executor, queue))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == 100.0
+
+
+def test_shared_executor_is_one_per_thread_count():
+    assert _parallel.shared(2) is _parallel.shared(2)
+    assert _parallel.shared(1).threads == 1
+
+
+def test_thread_scratch_is_private_and_grows():
+    a = _workspace.thread_scratch("test", (3, 5))
+    assert a.shape == (3, 5) and a.ctypes.data % 64 == 0
+    b = _workspace.thread_scratch("test", (10, 10))
+    assert b.shape == (10, 10)
+    other = []
+    t = threading.Thread(target=lambda: other.append(_workspace.thread_scratch("test", (3, 5))))
+    t.start()
+    t.join()
+    assert not np.shares_memory(other[0], _workspace.thread_scratch("test", (3, 5)))
