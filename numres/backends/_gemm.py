@@ -72,14 +72,20 @@ def _make_microkernel(vl, mr, nr):
     nv = nr // vl
 
     @intrinsic
-    def microkernel(typingctx, kc, a, a_off, lda, b, b_off, c, c_off, ldc, accumulate):
-        """C[c_off + i*ldc + j] (+)= sum_p A[a_off + i*lda + p] * B[b_off + p*NR + j]."""
+    def microkernel(typingctx, kc, rounds, a, a_off, lda, a_step, b, b_off, c, c_off, ldc,
+                    accumulate):
+        """C[c_off + i*ldc + j] (+)= sum over r < rounds, p < kc of
+        A[a_off + r*a_step + i*lda + p] * B[b_off + (r*kc + p)*NR + j].
+
+        ``rounds`` > 1 walks A in several runs of ``kc`` (a direct convolution's kernel rows)
+        while the accumulators stay in registers; a plain GEMM block is ``rounds = 1``.
+        """
         ptr = types.CPointer(types.float32)
-        sig = types.void(types.intp, ptr, types.intp, types.intp, ptr, types.intp, ptr,
-                         types.intp, types.intp, types.boolean)
+        sig = types.void(types.intp, types.intp, ptr, types.intp, types.intp, types.intp, ptr,
+                         types.intp, ptr, types.intp, types.intp, types.boolean)
 
         def codegen(context, builder, signature, args):
-            kc, a, a_off, lda, b, b_off, c, c_off, ldc, accumulate = args
+            kc, rounds, a, a_off, lda, a_step, b, b_off, c, c_off, ldc, accumulate = args
             i64 = ir.IntType(64)
             vec = ir.VectorType(ir.FloatType(), vl)
             vptr = vec.as_pointer()
@@ -92,27 +98,38 @@ def _make_microkernel(vl, mr, nr):
 
             def i32(v):
                 return ir.Constant(ir.IntType(32), v)
+
+            def const(v):
+                return ir.Constant(i64, v)
             zero = ir.Constant(vec, None)
             splat = ir.Constant(ir.VectorType(ir.IntType(32), vl), [0] * vl)
             a = builder.gep(a, [a_off])
             b = builder.gep(b, [b_off])
             c = builder.gep(c, [c_off])
 
-            def const(v):
-                return ir.Constant(i64, v)
-
             entry = builder.basic_block
-            loop = builder.append_basic_block("mk.loop")
+            outer = builder.append_basic_block("mk.outer")
+            inner = builder.append_basic_block("mk.inner")
+            latch = builder.append_basic_block("mk.latch")
             done = builder.append_basic_block("mk.done")
-            builder.cbranch(builder.icmp_signed(">", kc, const(0)), loop, done)
+            work = builder.and_(builder.icmp_signed(">", kc, const(0)),
+                                builder.icmp_signed(">", rounds, const(0)))
+            builder.cbranch(work, outer, done)
 
-            builder.position_at_end(loop)
+            builder.position_at_end(outer)          # one run of kc steps of A and B
+            r = builder.phi(i64)
+            acc_outer = [builder.phi(vec) for _ in range(mr * nv)]
+            a_run = builder.gep(a, [builder.mul(r, a_step)])
+            b_run = builder.gep(b, [builder.mul(builder.mul(r, kc), const(nr))])
+            a_rows = [builder.gep(a_run, [builder.mul(const(i), lda)]) for i in range(mr)]
+            builder.branch(inner)
+
+            builder.position_at_end(inner)
             p = builder.phi(i64)
             acc = [builder.phi(vec) for _ in range(mr * nv)]
-            b_row = builder.gep(b, [builder.mul(p, const(nr))])
+            b_row = builder.gep(b_run, [builder.mul(p, const(nr))])
             bv = [builder.load(builder.bitcast(builder.gep(b_row, [const(vl * v)]), vptr),
                                align=4) for v in range(nv)]
-            a_rows = [builder.gep(a, [builder.mul(const(i), lda)]) for i in range(mr)]
             # Weights are read once per few row tiles at small batches, mostly from memory:
             # ask for the B rows PREFETCH_ROWS steps ahead (each row is NR floats).
             for line in range(nr * 4 // 64):
@@ -122,26 +139,33 @@ def _make_microkernel(vl, mr, nr):
             for i in range(mr):
                 s = builder.load(builder.gep(a_rows[i], [p]), align=4)
                 sv = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(vec, ir.Undefined), s,
-                                           ir.Constant(ir.IntType(32), 0)),
+                    builder.insert_element(ir.Constant(vec, ir.Undefined), s, i32(0)),
                     ir.Constant(vec, ir.Undefined), splat)
                 for v in range(nv):
                     new.append(builder.call(fma, [sv, bv[v], acc[i * nv + v]]))
             p_next = builder.add(p, const(1))
-            body_end = builder.basic_block
-            p.add_incoming(const(0), entry)
-            p.add_incoming(p_next, body_end)
-            for phi, value in zip(acc, new):
+            builder.cbranch(builder.icmp_signed("<", p_next, kc), inner, latch)
+            p.add_incoming(const(0), outer)
+            p.add_incoming(p_next, inner)
+            for phi, start, value in zip(acc, acc_outer, new):
+                phi.add_incoming(start, outer)
+                phi.add_incoming(value, inner)
+
+            builder.position_at_end(latch)
+            r_next = builder.add(r, const(1))
+            builder.cbranch(builder.icmp_signed("<", r_next, rounds), outer, done)
+            r.add_incoming(const(0), entry)
+            r.add_incoming(r_next, latch)
+            for phi, value in zip(acc_outer, new):
                 phi.add_incoming(zero, entry)
-                phi.add_incoming(value, body_end)
-            builder.cbranch(builder.icmp_signed("<", p_next, kc), loop, done)
+                phi.add_incoming(value, latch)
 
             builder.position_at_end(done)
             results = []
             for value in new:                  # every phi first: LLVM wants them on top
                 result = builder.phi(vec)
                 result.add_incoming(zero, entry)
-                result.add_incoming(value, body_end)
+                result.add_incoming(value, latch)
                 results.append(result)
             for i in range(mr):
                 c_row = builder.gep(c, [builder.mul(const(i), ldc)])
@@ -185,7 +209,7 @@ def gemm_block(a, rows, bp, p0, p1, c):
         for jp in range(p0, p1):
             b_off = (jp * k + pc) * NR
             for t in range(tiles):
-                _microkernel(kc, a_ptr, t * MR * k + pc, k, b_ptr, b_off, c_ptr,
+                _microkernel(kc, 1, a_ptr, t * MR * k + pc, k, 0, b_ptr, b_off, c_ptr,
                              t * MR * ldc + jp * NR, ldc, pc > 0)
 
 
@@ -272,3 +296,64 @@ def unpack_weights(packed, n):
     """Inverse of :func:`pack_weights`: (panels, K, NR) -> (K, n)."""
     panels, k, nr = packed.shape
     return packed.transpose(1, 0, 2).reshape(k, panels * nr)[:, :n]   # (K, panels*NR)
+
+
+def padded_rows(h, w, k, stride, pad):
+    """Rows and row width of the zero-padded input :func:`conv_direct` reads: the width is a
+    multiple of the stride, and an extra row lets the last tile's unused rows read past the
+    image without leaving the buffer."""
+    wp = -(-(w + 2 * pad) // stride) * stride
+    extra = -(-((MR - 1) * stride + k) // wp) + 1
+    return h + 2 * pad + extra, wp
+
+
+@njit(**_JIT)
+def pad_input(r0, r1, x, pad, xp):
+    """xp[n, pad + iy, pad + ix, :] = x[n, iy, ix, :], zero elsewhere, for rows [r0, r1) of
+    the padded (N, Hp, Wp, C) buffer (row index n * Hp + iy)."""
+    n_img, h, w, _ = x.shape
+    hp = xp.shape[1]
+    for r in range(r0, r1):
+        n, iy = r // hp, r % hp - pad
+        if iy < 0 or iy >= h:
+            xp[n, r % hp] = 0.0
+            continue
+        row = xp[n, r % hp]
+        row[:pad] = 0.0
+        row[pad:pad + w] = x[n, iy]
+        row[pad + w:] = 0.0
+
+
+@njit(**_JIT)
+def conv_direct(r0, r1, p0, p1, xp, k, stride, out_h, out_w, bp, n_out, bias, residual,
+                has_residual, relu, y2, c):
+    """A convolution without im2col, for inputs with few channels (the 7x7 stem).
+
+    For one kernel row ``ky``, the ``k * C`` inputs a pixel needs are contiguous in the
+    padded NHWC input, and neighbouring output pixels start ``stride * C`` floats apart: so
+    the microkernel reads A straight from the image with that row stride, in ``k`` runs (one
+    per kernel row) without leaving its registers. Output rows [r0, r1) (row = n * out_h +
+    oy), panels [p0, p1); ``xp`` from :func:`pad_input`; ``c`` (tiles * MR, panels * NR) is
+    this thread's scratch.
+    """
+    _, hp, wp, ch = xp.shape
+    kc = k * ch
+    kdim = k * kc
+    lda = stride * ch
+    ldc = c.shape[1]
+    tiles = (out_w + MR - 1) // MR
+    x_ptr, b_ptr, c_ptr = _data_ptr(xp), _data_ptr(bp), _data_ptr(c)
+    c0, c1 = p0 * NR, min(p1 * NR, n_out)
+    b = bias[c0:c1]
+    for r in range(r0, r1):
+        n, oy = r // out_h, r % out_h
+        for t in range(tiles):
+            a_off = ((n * hp + oy * stride) * wp + t * MR * stride) * ch
+            for jp in range(p0, p1):
+                _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
+                             c_ptr, t * MR * ldc + jp * NR, ldc, False)
+        for ox in range(out_w):
+            m = r * out_w + ox
+            dst = y2[m, c0:c1]
+            res = residual[m, c0:c1] if has_residual else dst
+            epilogue_row(dst, c[ox, c0:c1], b, res, has_residual, relu)

@@ -45,7 +45,9 @@ def case_id(case):
 
 CONV_CASES = [
     # (n, c, h, w, o, k, stride, padding, groups)
-    (1, 3, 23, 19, 8, 7, 2, 3, 1),     # stem-like, odd size
+    (1, 3, 23, 19, 8, 7, 2, 3, 1),     # stem-like, odd size (Numba: direct, no im2col)
+    (2, 3, 2, 3, 8, 7, 2, 3, 1),       # stem on an image smaller than its kernel
+    (2, 5, 6, 13, 70, 3, 1, 1, 1),     # few channels, stride 1, a partial weight panel
     (2, 16, 9, 11, 12, 3, 1, 1, 1),    # 3x3 stride 1 (Winograd-capable), partial tiles
     (1, 16, 12, 12, 24, 3, 2, 1, 1),   # 3x3 stride 2
     (3, 32, 7, 7, 16, 1, 1, 0, 1),     # 1x1
