@@ -67,6 +67,9 @@ def blas_info():
                      if i.get("user_api") == "blas")
 
 
+SETTLE_S = 0.05
+
+
 class Contender:
     def __init__(self, name, fn, sync=None):
         self.name, self.fn, self.sync = name, fn, sync
@@ -131,6 +134,9 @@ def bench_config(contenders, rounds, warmup, min_time):
         reps[c.name] = max(1, int(min_time / max(time.perf_counter() - t, 1e-6)))
     for _ in range(rounds):
         for c in contenders:
+            # ORT's and OpenMP's idle workers spin for a while after a run: let them settle so
+            # that no contender is timed against the previous one's spinning threads.
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
             for _ in range(reps[c.name]):
                 c.fn()
