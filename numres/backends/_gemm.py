@@ -27,7 +27,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._numba_kernels import epilogue_row
+from ._numba_kernels import epilogue_block
 from ._workspace import aligned_empty
 
 
@@ -75,19 +75,25 @@ def _make_microkernel(vl, mr, nr):
 
     @intrinsic
     def microkernel(typingctx, kc, rounds, a, a_off, lda, a_step, b, b_off, c, c_off, ldc,
-                    accumulate):
+                    accumulate, final, bias, bias_off, res, res_off, ldr, has_res, relu):
         """C[c_off + i*ldc + j] (+)= sum over r < rounds, p < kc of
         A[a_off + r*a_step + i*lda + p] * B[b_off + (r*kc + p)*NR + j].
 
         ``rounds`` > 1 walks A in several runs of ``kc`` (a direct convolution's kernel rows)
         while the accumulators stay in registers; a plain GEMM block is ``rounds = 1``.
+        ``final``: this is the last K chunk, so finish the tile before storing it:
+        ``+ bias[bias_off + j]``, ``+ res[res_off + i*ldr + j]`` if ``has_res``, ReLU if
+        ``relu`` (NaN stays NaN, as in torch). C can then be the layer's output itself.
         """
         ptr = types.CPointer(types.float32)
         sig = types.void(types.intp, types.intp, ptr, types.intp, types.intp, types.intp, ptr,
-                         types.intp, ptr, types.intp, types.intp, types.boolean)
+                         types.intp, ptr, types.intp, types.intp, types.boolean,
+                         types.boolean, ptr, types.intp, ptr, types.intp, types.intp,
+                         types.boolean, types.boolean)
 
         def codegen(context, builder, signature, args):
-            kc, rounds, a, a_off, lda, a_step, b, b_off, c, c_off, ldc, accumulate = args
+            (kc, rounds, a, a_off, lda, a_step, b, b_off, c, c_off, ldc, accumulate,
+             final, bias, bias_off, res, res_off, ldr, has_res, relu) = args
             i64 = ir.IntType(64)
             vec = ir.VectorType(ir.FloatType(), vl)
             vptr = vec.as_pointer()
@@ -169,14 +175,53 @@ def _make_microkernel(vl, mr, nr):
                 result.add_incoming(zero, entry)
                 result.add_incoming(value, latch)
                 results.append(result)
+            totals, places = [], []
             for i in range(mr):
                 c_row = builder.gep(c, [builder.mul(const(i), ldc)])
                 for v in range(nv):
                     result = results[i * nv + v]
                     where = builder.bitcast(builder.gep(c_row, [const(vl * v)]), vptr)
                     old = builder.load(where, align=4)
-                    total = builder.select(accumulate, builder.fadd(result, old), result)
-                    builder.store(total, where, align=4)
+                    totals.append(builder.select(accumulate, builder.fadd(result, old), result))
+                    places.append(where)
+
+            def finish(with_res, with_relu):
+                """Store bias (+ residual) (ReLU) applied to the tile: once per call."""
+                bias_p = builder.gep(bias, [bias_off])
+                res_p = builder.gep(res, [res_off])
+                bias_v = [builder.load(builder.bitcast(builder.gep(bias_p, [const(vl * v)]),
+                                                       vptr), align=4) for v in range(nv)]
+                for i in range(mr):
+                    res_row = builder.gep(res_p, [builder.mul(const(i), ldr)])
+                    for v in range(nv):
+                        value = builder.fadd(totals[i * nv + v], bias_v[v])
+                        if with_res:
+                            r_vec = builder.load(builder.bitcast(
+                                builder.gep(res_row, [const(vl * v)]), vptr), align=4)
+                            value = builder.fadd(value, r_vec)
+                        if with_relu:
+                            value = builder.select(
+                                builder.fcmp_ordered("<", value, zero), zero, value)
+                        builder.store(value, places[i * nv + v], align=4)
+
+            with builder.if_else(final) as (epilogue, plain):
+                with epilogue:
+                    with builder.if_else(has_res) as (with_res, without_res):
+                        with with_res:
+                            with builder.if_else(relu) as (yes, no):
+                                with yes:
+                                    finish(True, True)
+                                with no:
+                                    finish(True, False)
+                        with without_res:
+                            with builder.if_else(relu) as (yes, no):
+                                with yes:
+                                    finish(False, True)
+                                with no:
+                                    finish(False, False)
+                with plain:
+                    for total, where in zip(totals, places):
+                        builder.store(total, where, align=4)
         return sig, codegen
     return microkernel
 
@@ -212,7 +257,50 @@ def gemm_block(a, rows, bp, p0, p1, c):
             b_off = (jp * k + pc) * NR
             for t in range(tiles):
                 _microkernel(kc, 1, a_ptr, t * MR * k + pc, k, 0, b_ptr, b_off, c_ptr,
-                             t * MR * ldc + jp * NR, ldc, pc > 0)
+                             t * MR * ldc + jp * NR, ldc, pc > 0,
+                             False, c_ptr, 0, c_ptr, 0, 0, False, False)
+
+
+@njit(**_JIT)
+def _gemm_finish(a, rows, bp, p0, p1, n_out, bias, residual, has_residual, relu, y2, m0, c):
+    """y2[m0:m0+rows, panels p0..p1] = relu?(a[:rows] @ B + bias + residual?).
+
+    Whole tiles (MR rows of one full NR-column panel) are finished by the microkernel and
+    stored straight into ``y2``: no scratch round trip, no separate epilogue pass. Ragged
+    tiles (the last rows of the block, a last panel narrower than NR) go through ``c``
+    (this thread's (>= tiles*MR, panels*NR) scratch) and :func:`epilogue_block`.
+    """
+    k = a.shape[1]
+    tiles = (rows + MR - 1) // MR
+    whole_tiles = rows // MR
+    whole_panels = min(p1, n_out // NR)
+    ldc = c.shape[1]
+    a_ptr, b_ptr, c_ptr = _data_ptr(a), _data_ptr(bp), _data_ptr(c)
+    y_ptr, bias_ptr = _data_ptr(y2), _data_ptr(bias)
+    res_ptr = _data_ptr(residual) if has_residual else y_ptr
+    for pc in range(0, k, KC):
+        kc = min(KC, k - pc)
+        last = pc + kc >= k
+        for jp in range(p0, p1):
+            b_off = (jp * k + pc) * NR
+            for t in range(tiles):
+                if t < whole_tiles and jp < whole_panels:
+                    out = (m0 + t * MR) * n_out + jp * NR
+                    _microkernel(kc, 1, a_ptr, t * MR * k + pc, k, 0, b_ptr, b_off, y_ptr,
+                                 out, n_out, pc > 0, last, bias_ptr, jp * NR, res_ptr, out,
+                                 n_out, has_residual, relu)
+                else:
+                    _microkernel(kc, 1, a_ptr, t * MR * k + pc, k, 0, b_ptr, b_off, c_ptr,
+                                 t * MR * ldc + jp * NR, ldc, pc > 0,
+                                 False, c_ptr, 0, c_ptr, 0, 0, False, False)
+    c0, c1 = p0 * NR, min(p1 * NR, n_out)
+    done = whole_tiles * MR
+    if done < rows:           # the ragged last rows, every panel
+        epilogue_block(y2, m0 + done, c, done, rows - done, c0, c1, bias, residual,
+                       has_residual, relu)
+    if whole_panels < p1:     # the narrow last panel, the whole tiles' rows
+        epilogue_block(y2, m0, c, 0, done, max(c0, whole_panels * NR), c1, bias, residual,
+                       has_residual, relu)
 
 
 @njit(**_JIT)
@@ -263,7 +351,6 @@ def conv_pixels(m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_o
     """
     x2 = x.reshape(-1, x.shape[3])
     total = x2.shape[0] if direct else y2.shape[0]
-    c0, c1 = p0 * NR, min(p1 * NR, n_out)
     for b0 in range(m0, m1, MC):
         b1 = min(b0 + MC, m1)
         rows = b1 - b0
@@ -278,12 +365,8 @@ def conv_pixels(m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_o
             gather(x, k, stride, pad, out_h, out_w, b0, b1, a)
             a[rows:padded] = 0.0
             src = a[:padded]
-        gemm_block(src, rows, bp, p0, p1, c)
-        b = bias[c0:c1]
-        for r in range(rows):
-            dst = y2[b0 + r, c0:c1]
-            res = residual[b0 + r, c0:c1] if has_residual else dst
-            epilogue_row(dst, c[r, c0:c1], b, res, has_residual, relu)
+        _gemm_finish(src, rows, bp, p0, p1, n_out, bias, residual, has_residual, relu, y2,
+                     b0, c)
 
 
 @njit(**_JIT)
@@ -313,17 +396,19 @@ def padded_rows(h, w, k, stride, pad):
 def pad_input(r0, r1, x, pad, xp):
     """xp[n, pad + iy, pad + ix, :] = x[n, iy, ix, :], zero elsewhere, for rows [r0, r1) of
     the padded (N, Hp, Wp, C) buffer (row index n * Hp + iy)."""
-    n_img, h, w, _ = x.shape
-    hp = xp.shape[1]
+    n_img, h, w, c = x.shape
+    _, hp, wp, _ = xp.shape
+    src = x.reshape(n_img * h, w * c)          # (image rows, W*C): 1-D row copies vectorise
+    dst = xp.reshape(n_img * hp, wp * c)
     for r in range(r0, r1):
         n, iy = r // hp, r % hp - pad
+        row = dst[r]
         if iy < 0 or iy >= h:
-            xp[n, r % hp] = 0.0
+            row[:] = 0.0
             continue
-        row = xp[n, r % hp]
-        row[:pad] = 0.0
-        row[pad:pad + w] = x[n, iy]
-        row[pad + w:] = 0.0
+        row[:pad * c] = 0.0
+        row[pad * c:(pad + w) * c] = src[n * h + iy]
+        row[(pad + w) * c:] = 0.0
 
 
 @njit(**_JIT)
@@ -345,17 +430,31 @@ def conv_direct(r0, r1, p0, p1, xp, k, stride, out_h, out_w, bp, n_out, bias, re
     ldc = c.shape[1]
     tiles = (out_w + MR - 1) // MR
     x_ptr, b_ptr, c_ptr = _data_ptr(xp), _data_ptr(bp), _data_ptr(c)
+    y_ptr, bias_ptr = _data_ptr(y2), _data_ptr(bias)
+    res_ptr = _data_ptr(residual) if has_residual else y_ptr
     c0, c1 = p0 * NR, min(p1 * NR, n_out)
-    b = bias[c0:c1]
+    whole_tiles = out_w // MR
+    whole_panels = min(p1, n_out // NR)
+    done = whole_tiles * MR
     for r in range(r0, r1):
         n, oy = r // out_h, r % out_h
-        for t in range(tiles):
-            a_off = ((n * hp + oy * stride) * wp + t * MR * stride) * ch
-            for jp in range(p0, p1):
-                _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
-                             c_ptr, t * MR * ldc + jp * NR, ldc, False)
-        for ox in range(out_w):
-            m = r * out_w + ox
-            dst = y2[m, c0:c1]
-            res = residual[m, c0:c1] if has_residual else dst
-            epilogue_row(dst, c[ox, c0:c1], b, res, has_residual, relu)
+        # Panel by panel: one panel's weights (the stem's: 147 x 32 floats) and the k input
+        # rows stay in L1 across the row's tiles; both panels at once would not fit.
+        for jp in range(p0, p1):
+            for t in range(tiles):
+                a_off = ((n * hp + oy * stride) * wp + t * MR * stride) * ch
+                if t < whole_tiles and jp < whole_panels:
+                    out = (r * out_w + t * MR) * n_out + jp * NR
+                    _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
+                                 y_ptr, out, n_out, False, True, bias_ptr, jp * NR, res_ptr,
+                                 out, n_out, has_residual, relu)
+                else:
+                    _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
+                                 c_ptr, t * MR * ldc + jp * NR, ldc, False,
+                                 False, c_ptr, 0, c_ptr, 0, 0, False, False)
+        if done < out_w:
+            epilogue_block(y2, r * out_w + done, c, done, out_w - done, c0, c1, bias,
+                           residual, has_residual, relu)
+        if whole_panels < p1:
+            epilogue_block(y2, r * out_w, c, 0, done, max(c0, whole_panels * NR), c1, bias,
+                           residual, has_residual, relu)

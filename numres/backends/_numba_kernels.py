@@ -68,6 +68,31 @@ def epilogue_row(dst, src, bias, residual, has_residual, relu):
             dst[j] = src[j] + bias[j]
 
 
+@helper
+def epilogue_block(y, m0, src, s0, rows, c0, c1, bias, residual, has_residual, relu):
+    """y[m0 + r, c0:c1] = relu?(src[s0 + r, c0:c1] + bias[c0:c1] + residual[m0 + r, c0:c1]?)
+    for r < rows: :func:`epilogue_row` over a block of rows, without a slice per row (with
+    64 channels, making the row views cost more than the arithmetic: stem 0.6 ms -> 0.1)."""
+    zero = np.float32(0.0)
+    if has_residual:
+        if relu:
+            for r in range(rows):
+                for j in range(c0, c1):
+                    y[m0 + r, j] = max(src[s0 + r, j] + bias[j] + residual[m0 + r, j], zero)
+        else:
+            for r in range(rows):
+                for j in range(c0, c1):
+                    y[m0 + r, j] = src[s0 + r, j] + bias[j] + residual[m0 + r, j]
+    elif relu:
+        for r in range(rows):
+            for j in range(c0, c1):
+                y[m0 + r, j] = max(src[s0 + r, j] + bias[j], zero)
+    else:
+        for r in range(rows):
+            for j in range(c0, c1):
+                y[m0 + r, j] = src[s0 + r, j] + bias[j]
+
+
 @kernel
 def bias_act(m0, m1, c0, c1, y, bias, residual, has_residual, relu):
     """In place on rows [m0, m1), columns [c0, c1) of (M, O): y = relu?(y + bias + res?)."""
