@@ -159,9 +159,30 @@ def max_pool(r0, r1, x, k, stride, pad, out):
 def nchw_to_nhwc(r0, r1, x, out):
     """Rows (image, y) [r0, r1): out[n, y, x, c] = x[n, c, y, x]."""
     n_img, c, h, w = x.shape
+    xf = x.ravel()
+    of = out.ravel()
     for row in range(r0, r1):
         n = row // h
         y = row % h
-        for xo in range(w):
-            for ci in range(c):
-                out[n, y, xo, ci] = x[n, ci, y, xo]
+        dst = row * w * c
+        for ci in range(c):
+            src = ((n * c + ci) * h + y) * w
+            for xo in range(w):
+                of[dst + xo * c + ci] = xf[src + xo]
+
+
+@kernel
+def mean_pixels(r0, r1, x, out):
+    """Images [r0, r1) of (N, P, C): out[n] = mean over the P pixels, summed in float32 in
+    pixel order (vectorised over channels)."""
+    _, p, c = x.shape
+    for n in range(r0, r1):
+        acc = out[n]
+        acc[:] = 0.0
+        for i in range(p):
+            row = x[n, i]
+            for j in range(c):
+                acc[j] += row[j]
+        scale = np.float32(1.0 / p)
+        for j in range(c):
+            acc[j] *= scale

@@ -389,7 +389,9 @@ class NumbaBackend(Backend):
 
     def global_avg_pool(self, x):
         n, h, w, c = x.shape
-        return x.reshape(n, h * w, c).mean(axis=1, dtype=np.float32)   # (N, C)
+        out = np.empty((n, c), np.float32)
+        K.mean_pixels(0, n, x.reshape(n, h * w, c), out)     # (N, H*W, C) -> (N, C)
+        return out
 
     def linear(self, x, fc):
         return x @ fc.weight_t + fc.bias
