@@ -228,6 +228,11 @@ def _make_microkernel(vl, mr, nr):
 
 
 _microkernel = _make_microkernel(VL, MR, NR)
+# Grouped convolutions (ResNeXt: 4 to 64 output channels per group) use one-vector-wide
+# panels and taller tiles: AVX-512 28 x 16 (28 accumulators), AVX2 12 x 8.
+NR_G = VL
+MR_G = 28 if VL == 16 else 12
+_microkernel_g = _make_microkernel(VL, MR_G, NR_G)
 
 
 def pack_weights(w):
@@ -411,11 +416,11 @@ def unpack_weights(packed, n):
 
 
 def padded_rows(h, w, k, stride, pad):
-    """Rows and row width of the zero-padded input :func:`conv_direct` reads: the width is a
-    multiple of the stride, and an extra row lets the last tile's unused rows read past the
-    image without leaving the buffer."""
+    """Rows and row width of the zero-padded input :func:`conv_direct` and
+    :func:`grouped_direct` read: the width is a multiple of the stride, and extra rows let the
+    last tile's unused rows read past the image without leaving the buffer."""
     wp = -(-(w + 2 * pad) // stride) * stride
-    extra = -(-((MR - 1) * stride + k) // wp) + 1
+    extra = -(-((max(MR, MR_G) - 1) * stride + k) // wp) + 1
     return h + 2 * pad + extra, wp
 
 
@@ -486,3 +491,77 @@ def conv_direct(r0, r1, p0, p1, xp, k, stride, out_h, out_w, bp, n_out, bias, re
         if whole_panels < p1:
             epilogue_block(y2, r * out_w, c, 0, done, max(c0, whole_panels * NR), c1, bias,
                            residual, has_residual, relu)
+
+
+def pack_grouped(w, groups):
+    """(O, Cin/G, k, k) grouped weights -> (G, panels, k*k*Cin/G, NR_G): per group, rows in
+    (ky, kx, ci) order and NR_G-wide column panels, zero-padded."""
+    o, w_in, k, _ = w.shape
+    w_out = o // groups
+    panels = -(-w_out // NR_G)
+    padded = np.zeros((groups, panels * NR_G, w_in, k, k), np.float32)
+    padded[:, :w_out] = w.reshape(groups, w_out, w_in, k, k)
+    # (G, panel, NR_G, ci, ky, kx) -> (G, panel, ky, kx, ci, NR_G)
+    blocks = padded.reshape(groups, panels, NR_G, w_in, k, k).transpose(0, 1, 4, 5, 3, 2)
+    packed = aligned_empty((groups, panels, k * k * w_in, NR_G))
+    packed[:] = blocks.reshape(groups, panels, k * k * w_in, NR_G)
+    return packed
+
+
+@njit(**_JIT)
+def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, bias, residual,
+                   has_residual, relu, y2, c):
+    """A grouped convolution (ResNeXt's 3x3) of output rows [r0, r1), per group a direct
+    convolution like :func:`conv_direct`.
+
+    For kernel row ``ky``, the group's ``Cin/G`` channels of one pixel are contiguous and the
+    next ``kx`` is ``C`` floats further: the microkernel walks them in ``k`` runs, and the
+    ``k`` kernel rows accumulate in the output tile. Panels are one vector wide (NR_G), so a
+    group with fewer outputs (4 or 8 in ResNeXt's first stages) wastes lanes but still runs
+    at a fraction of peak, instead of BLAS's per-call overhead on tiny matrices.
+    ``bp`` from :func:`pack_grouped`; ``c`` (tiles * MR_G, NR_G) is this thread's scratch.
+    """
+    _, hp, wp, ch = xp.shape
+    _, panels, kdim, _ = bp.shape
+    w_in = ch // groups
+    w_out = n_out // groups
+    tiles = (out_w + MR_G - 1) // MR_G
+    whole_tiles = out_w // MR_G
+    x_ptr, b_ptr, c_ptr = _data_ptr(xp), _data_ptr(bp), _data_ptr(c)
+    y_ptr, bias_ptr = _data_ptr(y2), _data_ptr(bias)
+    res_ptr = _data_ptr(residual) if has_residual else y_ptr
+    for r in range(r0, r1):
+        n, oy = r // out_h, r % out_h
+        for g in range(groups):
+            for jp in range(panels):
+                col = g * w_out + jp * NR_G
+                width = min(NR_G, w_out - jp * NR_G)
+                b_base = (g * panels + jp) * kdim * NR_G
+                for t in range(tiles):
+                    direct = t < whole_tiles and width == NR_G
+                    out = (r * out_w + t * MR_G) * n_out + col
+                    for ky in range(k):
+                        a_off = (((n * hp + oy * stride + ky) * wp + t * MR_G * stride) * ch
+                                 + g * w_in)
+                        b_off = b_base + ky * k * w_in * NR_G
+                        if direct:
+                            _microkernel_g(w_in, k, x_ptr, a_off, stride * ch, ch, b_ptr,
+                                           b_off, y_ptr, out, n_out, ky > 0, ky == k - 1,
+                                           bias_ptr, col, res_ptr, out, n_out, has_residual,
+                                           relu, b_off, 0)
+                        else:
+                            _microkernel_g(w_in, k, x_ptr, a_off, stride * ch, ch, b_ptr,
+                                           b_off, c_ptr, t * MR_G * NR_G, NR_G, ky > 0,
+                                           False, c_ptr, 0, c_ptr, 0, 0, False, False,
+                                           b_off, 0)
+                # Ragged tiles: from the scratch, with the epilogue, the valid part only.
+                first = 0 if width < NR_G else whole_tiles * MR_G
+                for ox in range(first, out_w):
+                    m = r * out_w + ox
+                    for j in range(width):
+                        v = c[ox, j] + bias[col + j]
+                        if has_residual:
+                            v += residual[m, col + j]
+                        if relu and v < 0:
+                            v = np.float32(0.0)
+                        y2[m, col + j] = v

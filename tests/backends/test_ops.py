@@ -54,6 +54,8 @@ CONV_CASES = [
     (1, 32, 9, 9, 64, 1, 2, 0, 1),     # strided 1x1 (downsample)
     (2, 32, 8, 10, 32, 3, 1, 1, 8),    # grouped (ResNeXt)
     (1, 64, 5, 6, 64, 3, 2, 1, 32),    # grouped, strided
+    (2, 64, 6, 31, 64, 3, 1, 1, 4),    # 16 per group: whole panels, a ragged row tile
+    (1, 48, 7, 9, 48, 3, 1, 1, 2),     # 24 per group (Numba: per-group GEMMs, not direct)
     (1, 8, 1, 1, 8, 3, 1, 1, 1),       # 1x1 image through a 3x3
 ]
 
