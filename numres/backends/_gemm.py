@@ -235,14 +235,18 @@ MR_G = 28 if VL == 16 else 12
 _microkernel_g = _make_microkernel(VL, MR_G, NR_G)
 
 
-def pack_weights(w):
-    """(K, N) weights -> (ceil(N / NR), K, NR) column panels, zero-padded to whole panels."""
+def pack_weights(w, out=None):
+    """(K, N) weights -> (ceil(N / NR), K, NR) column panels, zero-padded to whole panels
+    (into ``out`` if given)."""
     k, n = w.shape
     panels = -(-n // NR)
-    packed = aligned_empty((panels, k, NR))          # B rows are whole cache lines
-    padded = np.zeros((k, panels * NR), np.float32)
-    padded[:, :n] = w
-    packed[:] = padded.reshape(k, panels, NR).transpose(1, 0, 2)   # (panel, K, NR)
+    packed = aligned_empty((panels, k, NR)) if out is None else out   # rows: cache lines
+    whole = n // NR
+    # (K, whole*NR) -> (whole, K, NR)
+    packed[:whole] = w[:, :whole * NR].reshape(k, whole, NR).transpose(1, 0, 2)
+    if whole < panels:
+        packed[whole] = 0.0
+        packed[whole, :, :n - whole * NR] = w[:, whole * NR:]
     return packed
 
 

@@ -82,7 +82,9 @@ class _Worker:
                 fn(start, stop)
             except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
                 self._error = exc
-            self._job = None
+            # Drop the job now, not at the next one: it holds the layer's buffers, which the
+            # workspace may only reuse once nothing else refers to them.
+            self._job = fn = None
             self._done.release()
 
     def start(self, fn, start, stop):

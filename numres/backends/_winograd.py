@@ -45,12 +45,29 @@ _AT32 = AT.astype(np.float32)
 
 def transform_weights(weight, packed):
     """(3, 3, C, O) filters -> transformed filters ``G g G^T`` (computed in float64): (36, C, O)
-    for BLAS, or with ``packed`` (36, panels, C, NR) panels for numres's GEMM."""
-    u = np.einsum("ik,klco,jl->ijco", G, weight.astype(np.float64), G)  # (6, 6, C, O)
-    u = np.ascontiguousarray(u.reshape(ALPHA * ALPHA, *u.shape[2:]), np.float32)
+    for BLAS, or with ``packed`` (36, panels, C, NR) panels for numres's GEMM.
+
+    One of the 36 (C, O) products at a time, written into the result: transforming the
+    whole (6, 6, C, O) block in float64 at once held ~5x the result in temporaries (190 MB
+    for a 512-channel layer), which set the process's peak memory at large batches."""
+    _, _, c, o = weight.shape
     if packed:
-        return np.stack([_gemm.pack_weights(ue) for ue in u])
-    return u
+        out = _gemm.aligned_empty((ALPHA * ALPHA, -(-o // _gemm.NR), c, _gemm.NR))
+    else:
+        out = np.empty((ALPHA * ALPHA, c, o), np.float32)
+    ue = np.empty((c, o), np.float64)
+    for i in range(ALPHA):
+        for j in range(ALPHA):
+            ue[:] = 0.0
+            for k in range(3):
+                for m in range(3):
+                    if G[i, k] * G[j, m] != 0.0:
+                        ue += (G[i, k] * G[j, m]) * weight[k, m]       # (C, O), float64
+            if packed:
+                _gemm.pack_weights(ue.astype(np.float32), out=out[i * ALPHA + j])
+            else:
+                out[i * ALPHA + j] = ue
+    return out
 
 
 def tiles(h, w):
