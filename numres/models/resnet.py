@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from ..backends import get_backend
+from ..checkpoint import release_pages
 from ._input import check_input
 from ._modules import BatchNorm2d, Conv2d, Linear, Module, Sequential, load_state_dict
 
@@ -196,6 +197,9 @@ class ResNet(Module):
             with self._plan_lock:
                 if self._plan is None:
                     self._plan = self._prepare()
+                    if self._backend.name != "numpy" or self.fold_bn:
+                        # The backend holds its own copies now; the file's pages can go.
+                        release_pages(self.state_dict().values())
                 plan = self._plan
         return plan
 

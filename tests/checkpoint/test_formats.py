@@ -1,11 +1,13 @@
 """numres.load_pth reads what torch writes, in all three formats, exactly."""
 
+import sys
+
 import numpy as np
 import pytest
 
 import numres
 from numres import CheckpointError
-from numres.checkpoint import read_checkpoint
+from numres.checkpoint import read_checkpoint, release_pages
 
 from . import craft
 
@@ -155,3 +157,20 @@ def test_missing_empty_and_directory(tmp_path):
     (tmp_path / "text.pth").write_text("hello, I am not a checkpoint")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         numres.load_pth(tmp_path / "text.pth")
+
+
+def test_release_pages_keeps_values_and_modifications(tmp_path):
+    """Reclaiming the file's pages changes no array: unmodified pages come back from the
+    file, modified (copy-on-write) ones are never dropped."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "w.pth"
+    saved = {"a": rng.standard_normal((256, 300)).astype(np.float32),
+             "b": rng.standard_normal(5000).astype(np.float32)}
+    numres.save_pth(saved, path)
+    sd = numres.load_pth(path)
+    sd["b"][:10] = 7.0
+    assert release_pages(sd.values()) == (1 if sys.platform.startswith("linux") else 0)
+    np.testing.assert_array_equal(sd["a"], saved["a"])
+    np.testing.assert_array_equal(sd["b"][:10], 7.0)
+    np.testing.assert_array_equal(sd["b"][10:], saved["b"][10:])
+    assert release_pages([np.zeros(3, np.float32)]) == 0       # not from a file

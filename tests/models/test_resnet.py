@@ -184,3 +184,13 @@ def test_numpy_in_numpy_out_and_backend_switch(reference):
     for name in numres.available_backends():
         if name != "cupy":
             close(model.to(name)(x), logits, f"after to({name})")
+
+
+def test_model_releases_checkpoint_pages_after_preparing(tmp_path, monkeypatch):
+    released = []
+    monkeypatch.setattr("numres.models.resnet.release_pages",
+                        lambda arrays: released.append(len(list(arrays))))
+    model = numres.resnet18(num_classes=3, backend="numba" if "numba" in
+                            numres.available_backends() else "numpy")
+    model(np.zeros((1, 3, 32, 32), np.float32))
+    assert released == [len(model.state_dict())]
