@@ -13,9 +13,9 @@ from ._base import Backend
 
 # name -> (module, class); tried in this order by "auto" (fastest first)
 _REGISTRY = {
-    "cupy": ("numres.backends.cupy_backend", "CupyBackend"),
-    "numba": ("numres.backends.numba_backend", "NumbaBackend"),
-    "numpy": ("numres.backends.numpy_backend", "NumpyBackend"),
+    "cupy": (".cupy_backend", "CupyBackend"),
+    "numba": (".numba_backend", "NumbaBackend"),
+    "numpy": (".numpy_backend", "NumpyBackend"),
 }
 BACKEND_NAMES = tuple(_REGISTRY)
 _instances = {}
@@ -78,7 +78,7 @@ def _load(name):
             raise BackendUnavailable(_failures[name])
         module_name, class_name = _REGISTRY[name]
         try:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(module_name, __name__)
             instance = getattr(module, class_name)()
         except BackendUnavailable as exc:
             _failures[name] = str(exc)
