@@ -77,6 +77,32 @@ _F2, _F4, _F5, _F8 = np.float32(2), np.float32(4), np.float32(5), np.float32(8)
 
 
 @kernel
+def _border_columns(x, n, iy0, ix0, d, d2):
+    """d2[:, j] = B^T d[:, j] for a tile at the image's edge: gathered first, zeros outside."""
+    _, h, w, c = x.shape
+    for i in range(6):
+        iy = iy0 + i
+        for j in range(6):
+            ix = ix0 + j
+            if 0 <= iy < h and 0 <= ix < w:
+                for ci in range(c):
+                    d[i, j, ci] = x[n, iy, ix, ci]
+            else:
+                for ci in range(c):
+                    d[i, j, ci] = 0.0
+    for j in range(6):
+        for ci in range(c):
+            a0, a1, a2 = d[0, j, ci], d[1, j, ci], d[2, j, ci]
+            a3, a4, a5 = d[3, j, ci], d[4, j, ci], d[5, j, ci]
+            d2[0, j, ci] = _F4 * a0 - _F5 * a2 + a4
+            d2[1, j, ci] = a3 + a4 - _F4 * (a1 + a2)
+            d2[2, j, ci] = _F4 * (a1 - a2) - a3 + a4
+            d2[3, j, ci] = _F2 * (a3 - a1) - a2 + a4
+            d2[4, j, ci] = _F2 * (a1 - a3) - a2 + a4
+            d2[5, j, ci] = _F4 * a1 - _F5 * a3 + a5
+
+
+@kernel
 def input_transform(r0, r1, x, d, d2, v):
     """v[e, t - t0, c] = (B^T d_t B)[e] for the 6x6 input tiles d_t of tile rows [r0, r1).
 
@@ -91,27 +117,24 @@ def input_transform(r0, r1, x, d, d2, v):
     for row in range(r0, r1):  # rows = (image, tile row)
         n = row // th
         ty = row % th
+        iy0 = ty * 4 - 1
         for tx in range(tw):
-            for i in range(6):
-                iy = ty * 4 - 1 + i
+            ix0 = tx * 4 - 1
+            if iy0 >= 0 and iy0 + 6 <= h and ix0 >= 0 and ix0 + 6 <= w:
+                # An inner tile: the column pass reads the image itself.
                 for j in range(6):
-                    ix = tx * 4 - 1 + j
-                    if 0 <= iy < h and 0 <= ix < w:
-                        for ci in range(c):
-                            d[i, j, ci] = x[n, iy, ix, ci]
-                    else:
-                        for ci in range(c):
-                            d[i, j, ci] = 0.0
-            for j in range(6):          # columns: d2[:, j] = B^T d[:, j]
-                for ci in range(c):
-                    a0, a1, a2 = d[0, j, ci], d[1, j, ci], d[2, j, ci]
-                    a3, a4, a5 = d[3, j, ci], d[4, j, ci], d[5, j, ci]
-                    d2[0, j, ci] = _F4 * a0 - _F5 * a2 + a4
-                    d2[1, j, ci] = a3 + a4 - _F4 * (a1 + a2)
-                    d2[2, j, ci] = _F4 * (a1 - a2) - a3 + a4
-                    d2[3, j, ci] = _F2 * (a3 - a1) - a2 + a4
-                    d2[4, j, ci] = _F2 * (a1 - a3) - a2 + a4
-                    d2[5, j, ci] = _F4 * a1 - _F5 * a3 + a5
+                    for ci in range(c):
+                        a0, a1 = x[n, iy0, ix0 + j, ci], x[n, iy0 + 1, ix0 + j, ci]
+                        a2, a3 = x[n, iy0 + 2, ix0 + j, ci], x[n, iy0 + 3, ix0 + j, ci]
+                        a4, a5 = x[n, iy0 + 4, ix0 + j, ci], x[n, iy0 + 5, ix0 + j, ci]
+                        d2[0, j, ci] = _F4 * a0 - _F5 * a2 + a4
+                        d2[1, j, ci] = a3 + a4 - _F4 * (a1 + a2)
+                        d2[2, j, ci] = _F4 * (a1 - a2) - a3 + a4
+                        d2[3, j, ci] = _F2 * (a3 - a1) - a2 + a4
+                        d2[4, j, ci] = _F2 * (a1 - a3) - a2 + a4
+                        d2[5, j, ci] = _F4 * a1 - _F5 * a3 + a5
+            else:
+                _border_columns(x, n, iy0, ix0, d, d2)
             for i in range(6):          # rows: d[i, j] = (d2[i, :] B)[j]
                 for ci in range(c):
                     a0, a1, a2 = d2[i, 0, ci], d2[i, 1, ci], d2[i, 2, ci]
