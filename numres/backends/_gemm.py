@@ -228,6 +228,10 @@ def _make_microkernel(vl, mr, nr):
 
 
 _microkernel = _make_microkernel(VL, MR, NR)
+# Few rows (a Winograd block of 16 tiles: ResNet's 14x14 maps at batch 1, 7x7 at batch 4)
+# would fill 28 of 14-row tiles' rows; 8-row tiles fill 16 (AVX-512 only: AVX2's 6 fit).
+MR_SHORT = 8 if MR == 14 else MR
+_microkernel_short = _make_microkernel(VL, MR_SHORT, NR)
 # Grouped convolutions (ResNeXt: 4 to 64 output channels per group) use one-vector-wide
 # panels and taller tiles: AVX-512 28 x 16 (28 accumulators), AVX2 12 x 8.
 NR_G = VL
@@ -278,21 +282,35 @@ def gemm_block(a, rows, bp, p0, p1, c):
 
     ``a`` is row-major (M, K) with at least ``tiles * MR`` rows (rows past ``rows`` are
     computed but meaningless); ``c`` is row-major with a row stride of all panels * NR.
+    Up to 16 rows may run as 8-row tiles where that pads less (``MR_SHORT``).
     """
     k = a.shape[1]
-    tiles = (rows + MR - 1) // MR
     ldc = c.shape[1]
     a_ptr, b_ptr, c_ptr = _data_ptr(a), _data_ptr(bp), _data_ptr(c)
+    short = rows <= 2 * MR_SHORT and _padded(rows, MR_SHORT) < _padded(rows, MR)
+    mr = MR_SHORT if short else MR
+    tiles = (rows + mr - 1) // mr
     for pc in range(0, k, KC):
         kc = min(KC, k - pc)
         for jp in range(p0, p1):
             b_off = (jp * k + pc) * NR
             nxt, share, step = _next_chunk(jp, pc, k, p0, p1, tiles)
             for t in range(tiles):
-                _microkernel(kc, 1, a_ptr, t * MR * k + pc, k, 0, b_ptr, b_off, c_ptr,
-                             t * MR * ldc + jp * NR, ldc, pc > 0,
-                             False, c_ptr, 0, c_ptr, 0, 0, False, False,
-                             nxt + t * share, step)
+                if short:
+                    _microkernel_short(kc, 1, a_ptr, t * mr * k + pc, k, 0, b_ptr, b_off,
+                                       c_ptr, t * mr * ldc + jp * NR, ldc, pc > 0,
+                                       False, c_ptr, 0, c_ptr, 0, 0, False, False,
+                                       nxt + t * share, step)
+                else:
+                    _microkernel(kc, 1, a_ptr, t * mr * k + pc, k, 0, b_ptr, b_off, c_ptr,
+                                 t * mr * ldc + jp * NR, ldc, pc > 0,
+                                 False, c_ptr, 0, c_ptr, 0, 0, False, False,
+                                 nxt + t * share, step)
+
+
+@njit(**_JIT)
+def _padded(rows, mr):
+    return (rows + mr - 1) // mr * mr
 
 
 @njit(**_JIT)
