@@ -7,9 +7,10 @@ the stem, with only 3 channels, is computed from the padded image without gather
 The GEMM is ``_gemm.py``'s FMA microkernel with weights packed once at load time; bias,
 residual add and ReLU are applied while each block is still in cache. A stride-1 3x3
 convolution with enough tiles uses Winograd F(4x4, 3x3) instead (2.25x fewer multiplies).
-Grouped convolutions with up to 16 outputs per group run per group on the same kernel,
-directly on the padded input; wider groups, the final linear layer, and CPUs without
-AVX2/AVX-512 use BLAS. Scratch buffers are reused across layers and calls (``_workspace.py``).
+Grouped convolutions with 1-8 channels per group put whole groups in each vector
+(``_grouped.py``); up to 16 per group run per group on the GEMM kernel, directly on the
+padded input; wider groups, the final linear layer, and CPUs without AVX2/AVX-512 use BLAS.
+Scratch buffers are reused across layers and calls (``_workspace.py``).
 
 Threads: each layer is split once across numres's threads (``_parallel.py``); BLAS, where it
 runs, is single-threaded inside them or alone on its own threads, never both at once.
@@ -34,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised where numba is absent
     raise BackendUnavailable("the 'numba' backend needs Numba: pip install numba") from exc
 
 from . import _gemm
+from . import _grouped
 from . import _numba_kernels as K
 from . import _winograd
 from ._parallel import default_threads, shared
@@ -84,7 +86,7 @@ class Tuning:
 
 @dataclass
 class Conv:
-    kind: str               # "gemm" (1x1) | "im2col" | "grouped" | "grouped_direct"
+    kind: str   # "gemm" (1x1) | "im2col" | "grouped" | "grouped_direct" | "grouped_small"
     weight: np.ndarray      # (kh*kw*C, O), (G, kh*kw*C/G, O/G) for "grouped"; None if packed
     bias: np.ndarray        # (O,)
     kernel_size: int
@@ -157,6 +159,9 @@ def warmup():
                                    np.zeros(8, np.float32), s, p, g)
             out = be.conv2d(act, conv, relu=True)
             be.conv2d(act, conv, relu=False, residual=out if s == 1 else None)
+        wide = be.from_nchw(rng.standard_normal((1, 16, 9, 9)).astype(np.float32))
+        grouped = be.prepare_conv(np.ones((16, 4, 3, 3), np.float32), None, 1, 1, 4)
+        be.conv2d(wide, grouped, relu=True)     # 4 channels per group: _grouped.py
         stem = be.prepare_conv(np.zeros((8, 3, 7, 7), np.float32), None, 2, 3, 1)
         be.conv2d(be.from_nchw(x[:, :3]), stem, relu=True)
         ones = np.ones(8, np.float32)
@@ -205,6 +210,10 @@ class NumbaBackend(Backend):
     def prepare_conv(self, weight, bias, stride, padding, groups):
         o, cg, k, _ = weight.shape
         bias = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32)
+        if groups > 1 and self.tuning.own_gemm and _gemm.AVAILABLE \
+                and _grouped.supports(weight.shape, groups):
+            return Conv("grouped_small", None, bias, k, stride, padding, groups, o,
+                        packed=_grouped.pack(np.asarray(weight, np.float32)))
         if groups > 1 and o // groups <= GROUPED_DIRECT_MAX_WIDTH and self.tuning.own_gemm \
                 and _gemm.AVAILABLE:
             return Conv("grouped_direct", None, bias, k, stride, padding, groups, o,
@@ -249,6 +258,8 @@ class NumbaBackend(Backend):
             self._grouped(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
         elif conv.kind == "grouped_direct":
             self._grouped_direct(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+        elif conv.kind == "grouped_small":
+            self._grouped_small(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
         elif conv.packed is not None and conv.kind == "im2col" and c < DIRECT_MAX_CHANNELS:
             self._direct(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
         elif conv.packed is not None:
@@ -310,6 +321,18 @@ class NumbaBackend(Backend):
             _gemm.grouped_direct(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w,
                                  conv.groups, conv.packed, conv.out_channels, *epilogue, y2,
                                  scratch)
+        self.executor.run(x.shape[0] * out_h, work)
+
+    def _grouped_small(self, x, conv, out_h, out_w, epilogue, y2):
+        """Grouped convolution with 1-8 channels per group: whole groups per vector
+        (``_grouped.py``), on the padded input; threads split the output rows."""
+        xp = self._padded(x, conv)
+        w = conv.out_channels // conv.groups
+
+        def work(r0, r1):
+            _grouped.grouped_small(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w, w,
+                                   _grouped.TILE_ROWS[w], conv.packed, conv.out_channels,
+                                   *epilogue, y2)
         self.executor.run(x.shape[0] * out_h, work)
 
     def _blas_gemm(self, x, conv, out_h, out_w, epilogue, y2):

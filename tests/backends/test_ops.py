@@ -55,6 +55,8 @@ CONV_CASES = [
     (2, 32, 8, 10, 32, 3, 1, 1, 8),    # grouped (ResNeXt)
     (1, 64, 5, 6, 64, 3, 2, 1, 32),    # grouped, strided
     (2, 64, 6, 31, 64, 3, 1, 1, 4),    # 16 per group: whole panels, a ragged row tile
+    (2, 32, 5, 9, 32, 3, 2, 1, 4),     # 8 per group, strided (Numba: groups across lanes)
+    (1, 24, 6, 6, 24, 3, 1, 1, 6),     # 4 per group, channels not a multiple of a vector
     (1, 48, 7, 9, 48, 3, 1, 1, 2),     # 24 per group (Numba: per-group GEMMs, not direct)
     (1, 8, 1, 1, 8, 3, 1, 1, 1),       # 1x1 image through a 3x3
 ]
