@@ -8,7 +8,7 @@ The GEMM is ``_gemm.py``'s FMA microkernel with weights packed once at load time
 residual add and ReLU are applied while each block is still in cache. A stride-1 3x3
 convolution with enough tiles uses Winograd F(4x4, 3x3) instead (2.25x fewer multiplies).
 Grouped convolutions with 1-8 channels per group put whole groups in each vector
-(``_grouped.py``); up to 16 per group run per group on the GEMM kernel, directly on the
+(``_grouped.py``); up to 32 per group run per group on the GEMM kernel, directly on the
 padded input; wider groups, the final linear layer, and CPUs without AVX2/AVX-512 use BLAS.
 Scratch buffers are reused across layers and calls (``_workspace.py``).
 
@@ -451,10 +451,11 @@ class NumbaBackend(Backend):
 # few channels per pixel, gathering costs more than the multiply (stem 1.5x faster direct).
 DIRECT_MAX_CHANNELS = 16
 
-# Grouped convolutions with at most this many outputs per group run as direct per-group
-# convolutions on numres's GEMM kernel (4-10x faster than BLAS on ResNeXt's 4-16 channel
-# groups); wider groups (ResNeXt's last stages) are fine as per-group BLAS GEMMs.
-GROUPED_DIRECT_MAX_WIDTH = 16
+# Grouped convolutions with at most this many outputs per group (and too many for
+# ``_grouped.py``) run as direct per-group convolutions on numres's GEMM kernel: 14x14x512
+# with 16 per group 3x faster than per-group BLAS GEMMs, 14x14x1024 with 32 2.4x; with 64
+# (ResNeXt-101 32x8d's last stage) BLAS is faster.
+GROUPED_DIRECT_MAX_WIDTH = 32
 
 # A residual placeholder Numba can type when a layer has none.
 _EMPTY = np.zeros((1, 1), np.float32)
