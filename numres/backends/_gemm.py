@@ -67,6 +67,68 @@ def _data_ptr(typingctx, arr):
     return sig, codegen
 
 
+def register_loop(builder, vec, kc, rounds, count, start_run, step):
+    """Emit ``for r < rounds: for p < kc:`` with ``count`` vector accumulators held in
+    registers (phi nodes) across both loops, starting from zero; the kernels' shared skeleton.
+
+    ``start_run(r)`` runs once per outer iteration (in its block) and returns what ``step``
+    needs; ``step(run, r, p, acc)`` emits one inner iteration and returns the new
+    accumulators. Returns the final accumulators, in the block after the loops (zero when
+    ``kc`` or ``rounds`` is not positive), where the builder is left.
+    """
+    i64 = ir.IntType(64)
+    zero = ir.Constant(vec, None)
+
+    def const(v):
+        return ir.Constant(i64, v)
+    entry = builder.basic_block
+    outer = builder.append_basic_block("loop.outer")
+    inner = builder.append_basic_block("loop.inner")
+    latch = builder.append_basic_block("loop.latch")
+    done = builder.append_basic_block("loop.done")
+    work = builder.and_(builder.icmp_signed(">", kc, const(0)),
+                        builder.icmp_signed(">", rounds, const(0)))
+    builder.cbranch(work, outer, done)
+
+    builder.position_at_end(outer)
+    r = builder.phi(i64)
+    acc_outer = [builder.phi(vec) for _ in range(count)]
+    run = start_run(r)
+    outer_end = builder.basic_block
+    builder.branch(inner)
+
+    builder.position_at_end(inner)
+    p = builder.phi(i64)
+    acc = [builder.phi(vec) for _ in range(count)]
+    new = step(run, r, p, acc)
+    p_next = builder.add(p, const(1))
+    inner_end = builder.basic_block
+    builder.cbranch(builder.icmp_signed("<", p_next, kc), inner, latch)
+    p.add_incoming(const(0), outer_end)
+    p.add_incoming(p_next, inner_end)
+    for phi, start, value in zip(acc, acc_outer, new):
+        phi.add_incoming(start, outer_end)
+        phi.add_incoming(value, inner_end)
+
+    builder.position_at_end(latch)
+    r_next = builder.add(r, const(1))
+    builder.cbranch(builder.icmp_signed("<", r_next, rounds), outer, done)
+    r.add_incoming(const(0), entry)
+    r.add_incoming(r_next, latch)
+    for phi, value in zip(acc_outer, new):
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(value, latch)
+
+    builder.position_at_end(done)
+    results = []
+    for value in new:                  # every phi first: LLVM wants them on top
+        result = builder.phi(vec)
+        result.add_incoming(zero, entry)
+        result.add_incoming(value, latch)
+        results.append(result)
+    return results
+
+
 def _make_microkernel(vl, mr, nr):
     nv = nr // vl
 
@@ -116,66 +178,33 @@ def _make_microkernel(vl, mr, nr):
             b = builder.gep(b, [b_off])
             c = builder.gep(c, [c_off])
 
-            entry = builder.basic_block
-            outer = builder.append_basic_block("mk.outer")
-            inner = builder.append_basic_block("mk.inner")
-            latch = builder.append_basic_block("mk.latch")
-            done = builder.append_basic_block("mk.done")
-            work = builder.and_(builder.icmp_signed(">", kc, const(0)),
-                                builder.icmp_signed(">", rounds, const(0)))
-            builder.cbranch(work, outer, done)
+            def start_run(r):               # one run of kc steps of A and B
+                a_run = builder.gep(a, [builder.mul(r, a_step)])
+                b_run = builder.gep(b, [builder.mul(builder.mul(r, kc), const(nr))])
+                a_rows = [builder.gep(a_run, [builder.mul(const(i), lda)]) for i in range(mr)]
+                return a_rows, b_run
 
-            builder.position_at_end(outer)          # one run of kc steps of A and B
-            r = builder.phi(i64)
-            acc_outer = [builder.phi(vec) for _ in range(mr * nv)]
-            a_run = builder.gep(a, [builder.mul(r, a_step)])
-            b_run = builder.gep(b, [builder.mul(builder.mul(r, kc), const(nr))])
-            a_rows = [builder.gep(a_run, [builder.mul(const(i), lda)]) for i in range(mr)]
-            builder.branch(inner)
+            def step(run, r, p, acc):
+                a_rows, b_run = run
+                b_row = builder.gep(b_run, [builder.mul(p, const(nr))])
+                bv = [builder.load(builder.bitcast(builder.gep(b_row, [const(vl * v)]), vptr),
+                                   align=4) for v in range(nv)]
+                pf_row = builder.gep(pf, [builder.mul(builder.add(builder.mul(r, kc), p),
+                                                      pf_step)])
+                for line in range(2):
+                    ahead = builder.bitcast(builder.gep(pf_row, [const(16 * line)]), i8ptr)
+                    builder.call(prefetch, [ahead, i32(0), i32(3), i32(1)])
+                new = []
+                for i in range(mr):
+                    s = builder.load(builder.gep(a_rows[i], [p]), align=4)
+                    sv = builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(vec, ir.Undefined), s, i32(0)),
+                        ir.Constant(vec, ir.Undefined), splat)
+                    for v in range(nv):
+                        new.append(builder.call(fma, [sv, bv[v], acc[i * nv + v]]))
+                return new
 
-            builder.position_at_end(inner)
-            p = builder.phi(i64)
-            acc = [builder.phi(vec) for _ in range(mr * nv)]
-            b_row = builder.gep(b_run, [builder.mul(p, const(nr))])
-            bv = [builder.load(builder.bitcast(builder.gep(b_row, [const(vl * v)]), vptr),
-                               align=4) for v in range(nv)]
-            step = builder.add(builder.mul(r, kc), p)
-            pf_row = builder.gep(pf, [builder.mul(step, pf_step)])
-            for line in range(2):
-                ahead = builder.bitcast(builder.gep(pf_row, [const(16 * line)]), i8ptr)
-                builder.call(prefetch, [ahead, i32(0), i32(3), i32(1)])
-            new = []
-            for i in range(mr):
-                s = builder.load(builder.gep(a_rows[i], [p]), align=4)
-                sv = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(vec, ir.Undefined), s, i32(0)),
-                    ir.Constant(vec, ir.Undefined), splat)
-                for v in range(nv):
-                    new.append(builder.call(fma, [sv, bv[v], acc[i * nv + v]]))
-            p_next = builder.add(p, const(1))
-            builder.cbranch(builder.icmp_signed("<", p_next, kc), inner, latch)
-            p.add_incoming(const(0), outer)
-            p.add_incoming(p_next, inner)
-            for phi, start, value in zip(acc, acc_outer, new):
-                phi.add_incoming(start, outer)
-                phi.add_incoming(value, inner)
-
-            builder.position_at_end(latch)
-            r_next = builder.add(r, const(1))
-            builder.cbranch(builder.icmp_signed("<", r_next, rounds), outer, done)
-            r.add_incoming(const(0), entry)
-            r.add_incoming(r_next, latch)
-            for phi, value in zip(acc_outer, new):
-                phi.add_incoming(zero, entry)
-                phi.add_incoming(value, latch)
-
-            builder.position_at_end(done)
-            results = []
-            for value in new:                  # every phi first: LLVM wants them on top
-                result = builder.phi(vec)
-                result.add_incoming(zero, entry)
-                result.add_incoming(value, latch)
-                results.append(result)
+            results = register_loop(builder, vec, kc, rounds, mr * nv, start_run, step)
             totals, places = [], []
             for i in range(mr):
                 c_row = builder.gep(c, [builder.mul(const(i), ldc)])

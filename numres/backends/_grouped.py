@@ -17,7 +17,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._gemm import VL, _JIT, _data_ptr
+from ._gemm import VL, _JIT, _data_ptr, register_loop
 from ._workspace import aligned_empty
 
 # Pixels per tile for each group width: accumulators (MR * w) + weights (w) + one input
@@ -57,57 +57,24 @@ def _make_kernel(vl, w, mr):
 
             x = builder.gep(x, [a_off])
             b = builder.gep(b, [b_off])
-            entry = builder.basic_block
-            outer = builder.append_basic_block("g.outer")
-            inner = builder.append_basic_block("g.inner")
-            latch = builder.append_basic_block("g.latch")
-            done = builder.append_basic_block("g.done")
-            work = builder.and_(builder.icmp_signed(">", kc, const(0)),
-                                builder.icmp_signed(">", rounds, const(0)))
-            builder.cbranch(work, outer, done)
 
-            builder.position_at_end(outer)             # one kernel row: kc taps
-            r = builder.phi(i64)
-            acc_outer = [builder.phi(vec) for _ in range(mr * w)]
-            x_run = builder.gep(x, [builder.mul(r, a_step)])
-            b_run = builder.gep(b, [builder.mul(builder.mul(r, kc), const(w * vl))])
-            builder.branch(inner)
+            def start_run(r):               # one kernel row: kc taps
+                return (builder.gep(x, [builder.mul(r, a_step)]),
+                        builder.gep(b, [builder.mul(builder.mul(r, kc), const(w * vl))]))
 
-            builder.position_at_end(inner)
-            p = builder.phi(i64)
-            acc = [builder.phi(vec) for _ in range(mr * w)]
-            b_tap = builder.gep(b_run, [builder.mul(p, const(w * vl))])
-            weights = [load(b_tap, const(o * vl)) for o in range(w)]
-            x_tap = builder.gep(x_run, [builder.mul(p, a_pstride)])
-            new = []
-            for i in range(mr):
-                xv = load(x_tap, builder.mul(const(i), lda))
-                for o in range(w):
-                    new.append(builder.call(fma, [xv, weights[o], acc[i * w + o]]))
-            p_next = builder.add(p, const(1))
-            builder.cbranch(builder.icmp_signed("<", p_next, kc), inner, latch)
-            p.add_incoming(const(0), outer)
-            p.add_incoming(p_next, inner)
-            for phi, start, value in zip(acc, acc_outer, new):
-                phi.add_incoming(start, outer)
-                phi.add_incoming(value, inner)
+            def step(run, r, p, acc):
+                x_run, b_run = run
+                b_tap = builder.gep(b_run, [builder.mul(p, const(w * vl))])
+                weights = [load(b_tap, const(o * vl)) for o in range(w)]
+                x_tap = builder.gep(x_run, [builder.mul(p, a_pstride)])
+                new = []
+                for i in range(mr):
+                    xv = load(x_tap, builder.mul(const(i), lda))
+                    for o in range(w):
+                        new.append(builder.call(fma, [xv, weights[o], acc[i * w + o]]))
+                return new
 
-            builder.position_at_end(latch)
-            r_next = builder.add(r, const(1))
-            builder.cbranch(builder.icmp_signed("<", r_next, rounds), outer, done)
-            r.add_incoming(const(0), entry)
-            r.add_incoming(r_next, latch)
-            for phi, value in zip(acc_outer, new):
-                phi.add_incoming(zero, entry)
-                phi.add_incoming(value, latch)
-
-            builder.position_at_end(done)
-            results = []
-            for value in new:
-                result = builder.phi(vec)
-                result.add_incoming(zero, entry)
-                result.add_incoming(value, latch)
-                results.append(result)
+            results = register_loop(builder, vec, kc, rounds, mr * w, start_run, step)
             bias_v = load(bias, bias_off)
             for i in range(mr):
                 sums = None

@@ -141,7 +141,7 @@ def _compile_notice():
             return
         _noticed = True
     sys.stderr.write("numres: compiling the CPU kernels for this machine; this happens once "
-                     "(about 15 s on 2 cores) and is cached. 'numres warmup' does it ahead.\n")
+                     "(about 20 s on 2 cores) and is cached. 'numres warmup' does it ahead.\n")
 
 
 def warmup():
