@@ -57,6 +57,7 @@ CONV_CASES = [
     (2, 64, 6, 31, 64, 3, 1, 1, 4),    # 16 per group: whole panels, a ragged row tile
     (2, 32, 5, 9, 32, 3, 2, 1, 4),     # 8 per group, strided (Numba: groups across lanes)
     (1, 24, 6, 6, 24, 3, 1, 1, 6),     # 4 per group, channels not a multiple of a vector
+    (1, 16, 7, 8, 16, 3, 1, 1, 16),    # depthwise (1 per group)
     (1, 48, 7, 9, 48, 3, 1, 1, 2),     # 24 per group (Numba: per-group GEMMs, not direct)
     (1, 8, 1, 1, 8, 3, 1, 1, 1),       # 1x1 image through a 3x3
 ]
@@ -215,7 +216,8 @@ def test_two_threads_share_one_model(backend, rng):
 
 @pytest.mark.skipif(not numba_backend._gemm.AVAILABLE,
                     reason="the CPU has neither AVX-512 nor AVX2+FMA (numres GEMM off)")
-@pytest.mark.parametrize("m,k,n", [(1, 3, 5), (13, 147, 64), (100, 300, 70), (49, 4608, 33)])
+@pytest.mark.parametrize("m,k,n", [(1, 3, 5), (13, 147, 64), (16, 40, 33), (100, 300, 70),
+                                   (49, 4608, 33)])
 def test_own_gemm_microkernel(rng, m, k, n):
     """The LLVM-IR microkernel on ragged shapes: padded rows, partial panels, K chunks."""
     g = numba_backend._gemm
