@@ -467,12 +467,13 @@ def unpack_weights(packed, n):
     return packed.transpose(1, 0, 2).reshape(k, panels * nr)[:, :n]   # (K, panels*NR)
 
 
-def padded_rows(h, w, k, stride, pad):
-    """Rows and row width of the zero-padded input :func:`conv_direct` and
-    :func:`grouped_direct` read: the width is a multiple of the stride, and extra rows let the
-    last tile's unused rows read past the image without leaving the buffer."""
+def padded_rows(h, w, k, stride, pad, tile_rows):
+    """Rows and row width of the zero-padded input the direct kernels read (:func:`conv_direct`,
+    :func:`grouped_direct`, ``_grouped.grouped_small``) with tiles of ``tile_rows`` output
+    pixels: the width is a multiple of the stride, and extra rows let the last tile's unused
+    rows read past the image without leaving the buffer."""
     wp = -(-(w + 2 * pad) // stride) * stride
-    extra = -(-((max(MR, MR_G) - 1) * stride + k) // wp) + 1
+    extra = -(-((tile_rows - 1) * stride + k) // wp) + 1
     return h + 2 * pad + extra, wp
 
 

@@ -292,7 +292,7 @@ class NumbaBackend(Backend):
         (``_gemm.conv_direct``); threads split the output rows."""
         n = x.shape[0]
         k, s = conv.kernel_size, conv.stride
-        xp = self._padded(x, conv)
+        xp = self._padded(x, conv, _gemm.MR)
         panels = conv.packed.shape[0]
         width = -(-out_w // _gemm.MR) * _gemm.MR
 
@@ -302,10 +302,12 @@ class NumbaBackend(Backend):
                               conv.out_channels, *epilogue, y2, scratch)
         self.executor.run(n * out_h, work)
 
-    def _padded(self, x, conv):
-        """``x`` zero-padded for the direct kernels (``_gemm.padded_rows``)."""
+    def _padded(self, x, conv, tile_rows):
+        """``x`` zero-padded for a direct kernel with tiles of ``tile_rows`` pixels
+        (``_gemm.padded_rows``)."""
         n, h, w, c = x.shape
-        hp, wp = _gemm.padded_rows(h, w, conv.kernel_size, conv.stride, conv.padding)
+        hp, wp = _gemm.padded_rows(h, w, conv.kernel_size, conv.stride, conv.padding,
+                                   tile_rows)
         xp = self.workspace.get((n, hp, wp, c))
         self._rows(n * hp, xp.size, _gemm.pad_input, x, conv.padding, xp)
         return xp
@@ -313,7 +315,7 @@ class NumbaBackend(Backend):
     def _grouped_direct(self, x, conv, out_h, out_w, epilogue, y2):
         """Grouped convolution with few outputs per group (ResNeXt's early stages): per
         group, a direct convolution on the padded input (``_gemm.grouped_direct``)."""
-        xp = self._padded(x, conv)
+        xp = self._padded(x, conv, _gemm.MR_G)
         width = -(-out_w // _gemm.MR_G) * _gemm.MR_G
 
         def work(r0, r1):
@@ -326,8 +328,8 @@ class NumbaBackend(Backend):
     def _grouped_small(self, x, conv, out_h, out_w, epilogue, y2):
         """Grouped convolution with 1-8 channels per group: whole groups per vector
         (``_grouped.py``), on the padded input; threads split the output rows."""
-        xp = self._padded(x, conv)
         w = conv.out_channels // conv.groups
+        xp = self._padded(x, conv, _grouped.TILE_ROWS[w])
 
         def work(r0, r1):
             _grouped.grouped_small(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w, w,

@@ -240,3 +240,21 @@ def test_thread_setting_is_respected(monkeypatch):
     monkeypatch.setenv("NUMRES_NUM_THREADS", "x")
     with pytest.raises(ValueError, match="NUMRES_NUM_THREADS must be an integer"):
         numba_backend.NumbaBackend()
+
+
+@pytest.mark.skipif(not numba_backend._gemm.AVAILABLE,
+                    reason="the CPU has neither AVX-512 nor AVX2+FMA (numres GEMM off)")
+@pytest.mark.parametrize("tile_rows", sorted({numba_backend._gemm.MR, numba_backend._gemm.MR_G,
+                                              *numba_backend._grouped.TILE_ROWS.values()}))
+@pytest.mark.parametrize("h,w,k,stride,pad", [(3, 3, 3, 2, 1), (1, 1, 3, 1, 1), (9, 5, 7, 2, 3),
+                                              (14, 14, 3, 1, 1), (224, 224, 7, 2, 3)])
+def test_padded_input_holds_every_read_of_the_direct_kernels(tile_rows, h, w, k, stride, pad):
+    """The last tile of the last output row reads (tile_rows - 1) * stride + k pixels from its
+    start, wrapping into later rows: all of them must lie inside the padded image."""
+    hp, wp = numba_backend._gemm.padded_rows(h, w, k, stride, pad, tile_rows)
+    out_h = (h + 2 * pad - k) // stride + 1
+    out_w = (w + 2 * pad - k) // stride + 1
+    last_tile = -(-out_w // tile_rows) - 1
+    start = ((out_h - 1) * stride + k - 1) * wp + last_tile * tile_rows * stride
+    assert start + (tile_rows - 1) * stride + k <= hp * wp
+    assert wp % stride == 0 and wp >= w + 2 * pad
