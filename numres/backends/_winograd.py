@@ -12,7 +12,7 @@ error within a few ulps of direct convolution; the tests bound it against the Nu
 import numpy as np
 
 from . import _gemm
-from ._numba_kernels import epilogue_block, kernel
+from ._numba_kernels import epilogue_block, helper, kernel
 from ._workspace import thread_scratch
 
 TILE = 4          # output pixels per tile side
@@ -76,9 +76,23 @@ def tiles(h, w):
 _F2, _F4, _F5, _F8 = np.float32(2), np.float32(4), np.float32(5), np.float32(8)
 
 
+@helper
+def _bt(a0, a1, a2, a3, a4, a5):
+    """B^T (a0, ..., a5), one channel: the six rows of F(4x4, 3x3)'s input transform."""
+    return (_F4 * a0 - _F5 * a2 + a4, a3 + a4 - _F4 * (a1 + a2), _F4 * (a1 - a2) - a3 + a4,
+            _F2 * (a3 - a1) - a2 + a4, _F2 * (a1 - a3) - a2 + a4, _F4 * a1 - _F5 * a3 + a5)
+
+
+@helper
+def _at(a0, a1, a2, a3, a4, a5):
+    """A^T (a0, ..., a5), one channel: the four rows of the output transform."""
+    return (a0 + a1 + a2 + a3 + a4, a1 - a2 + _F2 * (a3 - a4), a1 + a2 + _F4 * (a3 + a4),
+            a1 - a2 + _F8 * (a3 - a4) + a5)
+
+
 @kernel
-def _border_columns(x, n, iy0, ix0, d, d2):
-    """d2[:, j] = B^T d[:, j] for a tile at the image's edge: gathered first, zeros outside."""
+def _gather_tile(x, n, iy0, ix0, d):
+    """d = the 6x6 input tile at (iy0, ix0) of image n, zeros outside the image."""
     _, h, w, c = x.shape
     for i in range(6):
         iy = iy0 + i
@@ -90,16 +104,6 @@ def _border_columns(x, n, iy0, ix0, d, d2):
             else:
                 for ci in range(c):
                     d[i, j, ci] = 0.0
-    for j in range(6):
-        for ci in range(c):
-            a0, a1, a2 = d[0, j, ci], d[1, j, ci], d[2, j, ci]
-            a3, a4, a5 = d[3, j, ci], d[4, j, ci], d[5, j, ci]
-            d2[0, j, ci] = _F4 * a0 - _F5 * a2 + a4
-            d2[1, j, ci] = a3 + a4 - _F4 * (a1 + a2)
-            d2[2, j, ci] = _F4 * (a1 - a2) - a3 + a4
-            d2[3, j, ci] = _F2 * (a3 - a1) - a2 + a4
-            d2[4, j, ci] = _F2 * (a1 - a3) - a2 + a4
-            d2[5, j, ci] = _F4 * a1 - _F5 * a3 + a5
 
 
 @kernel
@@ -107,8 +111,8 @@ def input_transform(r0, r1, x, d, d2, v):
     """v[e, t - t0, c] = (B^T d_t B)[e] for the 6x6 input tiles d_t of tile rows [r0, r1).
 
     A tile row is one (image, tile y) pair; t0 is the first tile of row r0. Padding is 1.
-    ``d`` and ``d2`` are (6, 6, C) scratch. B^T's rows are written out as sums, a pass over
-    columns then one over rows, each an explicit loop over channels from one array into
+    ``d`` and ``d2`` are (6, 6, C) scratch. B^T is written out as sums (:func:`_bt`), a pass
+    over columns then one over rows, each an explicit loop over channels from one array into
     another: 1.7x faster than loops over a coefficient matrix (which test for zeros and
     accumulate in memory).
     """
@@ -120,31 +124,31 @@ def input_transform(r0, r1, x, d, d2, v):
         iy0 = ty * 4 - 1
         for tx in range(tw):
             ix0 = tx * 4 - 1
+            # Columns: d2[:, j] = B^T tile[:, j]; an inner tile is read from the image itself,
+            # an edge tile is gathered first, with zeros outside.
             if iy0 >= 0 and iy0 + 6 <= h and ix0 >= 0 and ix0 + 6 <= w:
-                # An inner tile: the column pass reads the image itself.
                 for j in range(6):
                     for ci in range(c):
-                        a0, a1 = x[n, iy0, ix0 + j, ci], x[n, iy0 + 1, ix0 + j, ci]
-                        a2, a3 = x[n, iy0 + 2, ix0 + j, ci], x[n, iy0 + 3, ix0 + j, ci]
-                        a4, a5 = x[n, iy0 + 4, ix0 + j, ci], x[n, iy0 + 5, ix0 + j, ci]
-                        d2[0, j, ci] = _F4 * a0 - _F5 * a2 + a4
-                        d2[1, j, ci] = a3 + a4 - _F4 * (a1 + a2)
-                        d2[2, j, ci] = _F4 * (a1 - a2) - a3 + a4
-                        d2[3, j, ci] = _F2 * (a3 - a1) - a2 + a4
-                        d2[4, j, ci] = _F2 * (a1 - a3) - a2 + a4
-                        d2[5, j, ci] = _F4 * a1 - _F5 * a3 + a5
+                        u0, u1, u2, u3, u4, u5 = _bt(
+                            x[n, iy0, ix0 + j, ci], x[n, iy0 + 1, ix0 + j, ci],
+                            x[n, iy0 + 2, ix0 + j, ci], x[n, iy0 + 3, ix0 + j, ci],
+                            x[n, iy0 + 4, ix0 + j, ci], x[n, iy0 + 5, ix0 + j, ci])
+                        d2[0, j, ci], d2[1, j, ci], d2[2, j, ci] = u0, u1, u2
+                        d2[3, j, ci], d2[4, j, ci], d2[5, j, ci] = u3, u4, u5
             else:
-                _border_columns(x, n, iy0, ix0, d, d2)
+                _gather_tile(x, n, iy0, ix0, d)
+                for j in range(6):
+                    for ci in range(c):
+                        u0, u1, u2, u3, u4, u5 = _bt(d[0, j, ci], d[1, j, ci], d[2, j, ci],
+                                                     d[3, j, ci], d[4, j, ci], d[5, j, ci])
+                        d2[0, j, ci], d2[1, j, ci], d2[2, j, ci] = u0, u1, u2
+                        d2[3, j, ci], d2[4, j, ci], d2[5, j, ci] = u3, u4, u5
             for i in range(6):          # rows: d[i, j] = (d2[i, :] B)[j]
                 for ci in range(c):
-                    a0, a1, a2 = d2[i, 0, ci], d2[i, 1, ci], d2[i, 2, ci]
-                    a3, a4, a5 = d2[i, 3, ci], d2[i, 4, ci], d2[i, 5, ci]
-                    d[i, 0, ci] = _F4 * a0 - _F5 * a2 + a4
-                    d[i, 1, ci] = a3 + a4 - _F4 * (a1 + a2)
-                    d[i, 2, ci] = _F4 * (a1 - a2) - a3 + a4
-                    d[i, 3, ci] = _F2 * (a3 - a1) - a2 + a4
-                    d[i, 4, ci] = _F2 * (a1 - a3) - a2 + a4
-                    d[i, 5, ci] = _F4 * a1 - _F5 * a3 + a5
+                    u0, u1, u2, u3, u4, u5 = _bt(d2[i, 0, ci], d2[i, 1, ci], d2[i, 2, ci],
+                                                 d2[i, 3, ci], d2[i, 4, ci], d2[i, 5, ci])
+                    d[i, 0, ci], d[i, 1, ci], d[i, 2, ci] = u0, u1, u2
+                    d[i, 3, ci], d[i, 4, ci], d[i, 5, ci] = u3, u4, u5
             # Then one plain copy per element: six interleaved store streams into ``v``
             # in the loop above were slower than this extra pass.
             t = (row - r0) * tw + tx
@@ -159,7 +163,7 @@ def output_transform(r0, r1, m, tmp, acc, bias, residual, has_residual, relu, y)
     """y[n, 4ty+i, 4tx+j, :] = relu?((A^T m_t A)[i, j] + bias + residual?), cropped to y.
 
     For tile rows [r0, r1); ``m`` holds their tiles from index 0, like ``input_transform``.
-    ``tmp`` (4, 6, O) and ``acc`` (4, O) are scratch; A^T is written out as B^T is there.
+    ``tmp`` (4, 6, O) and ``acc`` (4, O) are scratch; A^T is written out (:func:`_at`).
     """
     n_img, h, w, o = y.shape
     th, tw = (h + 3) // 4, (w + 3) // 4
@@ -171,21 +175,15 @@ def output_transform(r0, r1, m, tmp, acc, bias, residual, has_residual, relu, y)
             t = (row - r0) * tw + tx
             for j in range(6):          # columns: tmp[:, j] = A^T m[:, j]
                 for co in range(o):
-                    a0, a1, a2 = m[j, t, co], m[6 + j, t, co], m[12 + j, t, co]
-                    a3, a4, a5 = m[18 + j, t, co], m[24 + j, t, co], m[30 + j, t, co]
-                    tmp[0, j, co] = a0 + a1 + a2 + a3 + a4
-                    tmp[1, j, co] = a1 - a2 + _F2 * (a3 - a4)
-                    tmp[2, j, co] = a1 + a2 + _F4 * (a3 + a4)
-                    tmp[3, j, co] = a1 - a2 + _F8 * (a3 - a4) + a5
+                    u0, u1, u2, u3 = _at(m[j, t, co], m[6 + j, t, co], m[12 + j, t, co],
+                                         m[18 + j, t, co], m[24 + j, t, co], m[30 + j, t, co])
+                    tmp[0, j, co], tmp[1, j, co], tmp[2, j, co], tmp[3, j, co] = u0, u1, u2, u3
             cols = min(4, w - tx * 4)
             for i in range(min(4, h - ty * 4)):     # rows: four output pixels, then finish
                 for co in range(o):
-                    a0, a1, a2 = tmp[i, 0, co], tmp[i, 1, co], tmp[i, 2, co]
-                    a3, a4, a5 = tmp[i, 3, co], tmp[i, 4, co], tmp[i, 5, co]
-                    acc[0, co] = a0 + a1 + a2 + a3 + a4
-                    acc[1, co] = a1 - a2 + _F2 * (a3 - a4)
-                    acc[2, co] = a1 + a2 + _F4 * (a3 + a4)
-                    acc[3, co] = a1 - a2 + _F8 * (a3 - a4) + a5
+                    u0, u1, u2, u3 = _at(tmp[i, 0, co], tmp[i, 1, co], tmp[i, 2, co],
+                                         tmp[i, 3, co], tmp[i, 4, co], tmp[i, 5, co])
+                    acc[0, co], acc[1, co], acc[2, co], acc[3, co] = u0, u1, u2, u3
                 r = (n * h + ty * 4 + i) * w + tx * 4
                 epilogue_block(y2, r, acc, 0, cols, 0, o, bias, residual, has_residual, relu)
 
