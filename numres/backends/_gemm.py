@@ -177,6 +177,9 @@ def _make_microkernel(vl, mr, nr):
             pf = builder.gep(b, [pf_off])
             b = builder.gep(b, [b_off])
             c = builder.gep(c, [c_off])
+            res_tile = builder.gep(res, [res_off])
+            row_lines = -(-nr // 16)             # 64-byte lines per tile row
+            tile_lines = mr * row_lines
 
             def start_run(r):               # one run of kc steps of A and B
                 a_run = builder.gep(a, [builder.mul(r, a_step)])
@@ -189,11 +192,26 @@ def _make_microkernel(vl, mr, nr):
                 b_row = builder.gep(b_run, [builder.mul(p, const(nr))])
                 bv = [builder.load(builder.bitcast(builder.gep(b_row, [const(vl * v)]), vptr),
                                    align=4) for v in range(nv)]
-                pf_row = builder.gep(pf, [builder.mul(builder.add(builder.mul(r, kc), p),
-                                                      pf_step)])
+                q = builder.add(builder.mul(r, kc), p)
+                pf_row = builder.gep(pf, [builder.mul(q, pf_step)])
                 for line in range(2):
                     ahead = builder.bitcast(builder.gep(pf_row, [const(16 * line)]), i8ptr)
                     builder.call(prefetch, [ahead, i32(0), i32(3), i32(1)])
+                # The tile's output lines (and residual lines, if it adds them), one per
+                # step while the multiply runs: they are usually out of L2 (a layer's
+                # output, the block's input), and fetching them only at the stores stalled.
+                with builder.if_then(builder.icmp_signed("<", q, const(tile_lines)),
+                                     likely=False):
+                    row = builder.udiv(q, const(row_lines))
+                    offset = builder.mul(builder.urem(q, const(row_lines)), const(16))
+                    out_line = builder.gep(c, [builder.add(builder.mul(row, ldc), offset)])
+                    builder.call(prefetch, [builder.bitcast(out_line, i8ptr), i32(1), i32(3),
+                                            i32(1)])
+                    with builder.if_then(builder.and_(final, has_res)):
+                        res_line = builder.gep(res_tile,
+                                               [builder.add(builder.mul(row, ldr), offset)])
+                        builder.call(prefetch, [builder.bitcast(res_line, i8ptr), i32(0),
+                                                i32(3), i32(1)])
                 new = []
                 for i in range(mr):
                     s = builder.load(builder.gep(a_rows[i], [p]), align=4)
@@ -497,18 +515,23 @@ def pad_input(r0, r1, x, pad, xp):
 
 
 @njit(**_JIT)
-def conv_direct(r0, r1, p0, p1, xp, k, stride, out_h, out_w, bp, n_out, bias, residual,
+def conv_direct(r0, r1, rb, xp, k, stride, out_h, out_w, bp, n_out, bias, residual,
                 has_residual, relu, y2, c):
-    """A convolution without im2col, for inputs with few channels (the 7x7 stem).
+    """A convolution without im2col: the microkernel reads the (padded) NHWC input itself.
 
     For one kernel row ``ky``, the ``k * C`` inputs a pixel needs are contiguous in the
     padded NHWC input, and neighbouring output pixels start ``stride * C`` floats apart: so
     the microkernel reads A straight from the image with that row stride, in ``k`` runs (one
     per kernel row) without leaving its registers. Output rows [r0, r1) (row = n * out_h +
-    oy), panels [p0, p1); ``xp`` from :func:`pad_input`; ``c`` (tiles * MR, panels * NR) is
-    this thread's scratch.
+    oy) in blocks of ``rb`` rows; per block, panel by panel, so one panel's weights serve the
+    block's tiles from cache (the stem: 147 x 32 floats in L1 with ``rb`` = 1; a 3x3 layer:
+    a panel in L2 for a dozen tiles) while the next panel is prefetched
+    (:func:`_next_chunk`'s scheme). ``xp`` from :func:`pad_input` (or the input itself where
+    no tile reads outside it); ``c`` (rb * tiles * MR, panels * NR) is this thread's scratch
+    for ragged tiles.
     """
     _, hp, wp, ch = xp.shape
+    panels = bp.shape[0]
     kc = k * ch
     kdim = k * kc
     lda = stride * ch
@@ -517,33 +540,39 @@ def conv_direct(r0, r1, p0, p1, xp, k, stride, out_h, out_w, bp, n_out, bias, re
     x_ptr, b_ptr, c_ptr = _data_ptr(xp), _data_ptr(bp), _data_ptr(c)
     y_ptr, bias_ptr = _data_ptr(y2), _data_ptr(bias)
     res_ptr = _data_ptr(residual) if has_residual else y_ptr
-    c0, c1 = p0 * NR, min(p1 * NR, n_out)
     whole_tiles = out_w // MR
-    whole_panels = min(p1, n_out // NR)
+    whole_panels = n_out // NR
     done = whole_tiles * MR
-    for r in range(r0, r1):
-        n, oy = r // out_h, r % out_h
-        # Panel by panel: one panel's weights (the stem's: 147 x 32 floats) and the k input
-        # rows stay in L1 across the row's tiles; both panels at once would not fit.
-        for jp in range(p0, p1):
-            for t in range(tiles):
-                a_off = ((n * hp + oy * stride) * wp + t * MR * stride) * ch
-                if t < whole_tiles and jp < whole_panels:
-                    out = (r * out_w + t * MR) * n_out + jp * NR
-                    _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
-                                 y_ptr, out, n_out, False, True, bias_ptr, jp * NR, res_ptr,
-                                 out, n_out, has_residual, relu, jp * kdim * NR, 0)
-                else:
-                    _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
-                                 c_ptr, t * MR * ldc + jp * NR, ldc, False,
-                                 False, c_ptr, 0, c_ptr, 0, 0, False, False,
-                                 jp * kdim * NR, 0)
-        if done < out_w:
-            epilogue_block(y2, r * out_w + done, c, done, out_w - done, c0, c1, bias,
-                           residual, has_residual, relu)
-        if whole_panels < p1:
-            epilogue_block(y2, r * out_w, c, 0, done, max(c0, whole_panels * NR), c1, bias,
-                           residual, has_residual, relu)
+    for b0 in range(r0, r1, rb):
+        b1 = min(b0 + rb, r1)
+        calls = (b1 - b0) * tiles
+        share = (kdim * NR + calls - 1) // calls
+        pf_step = (share + kdim - 1) // kdim
+        for jp in range(panels):
+            nxt = (jp + 1) * kdim * NR if jp + 1 < panels else 0
+            for r in range(b0, b1):
+                n, oy = r // out_h, r % out_h
+                for t in range(tiles):
+                    a_off = ((n * hp + oy * stride) * wp + t * MR * stride) * ch
+                    pf = nxt + ((r - b0) * tiles + t) * share
+                    if t < whole_tiles and jp < whole_panels:
+                        out = (r * out_w + t * MR) * n_out + jp * NR
+                        _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
+                                     y_ptr, out, n_out, False, True, bias_ptr, jp * NR,
+                                     res_ptr, out, n_out, has_residual, relu, pf, pf_step)
+                    else:
+                        tile = ((r - b0) * tiles + t) * MR
+                        _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
+                                     c_ptr, tile * ldc + jp * NR, ldc, False,
+                                     False, c_ptr, 0, c_ptr, 0, 0, False, False, pf, pf_step)
+        for r in range(b0, b1):
+            tile = (r - b0) * tiles * MR
+            if done < out_w:
+                epilogue_block(y2, r * out_w + done, c, tile + done, out_w - done, 0, n_out,
+                               bias, residual, has_residual, relu)
+            if whole_panels < panels:
+                epilogue_block(y2, r * out_w, c, tile, done, whole_panels * NR, n_out, bias,
+                               residual, has_residual, relu)
 
 
 def pack_grouped(w, groups):

@@ -60,6 +60,10 @@ CONV_CASES = [
     (1, 16, 7, 8, 16, 3, 1, 1, 16),    # depthwise (1 per group)
     (1, 48, 7, 9, 48, 3, 1, 1, 2),     # 24 per group (Numba: per-group GEMMs, not direct)
     (1, 8, 1, 1, 8, 3, 1, 1, 1),       # 1x1 image through a 3x3
+    # Output rows of whole 14-pixel tiles (Numba, AVX-512: read directly, no gather):
+    (2, 32, 28, 28, 48, 3, 2, 1, 1),   # 3x3 stride 2, a partial weight panel
+    (1, 16, 14, 14, 32, 3, 1, 1, 1),   # 3x3 stride 1 (direct where Winograd is not used)
+    (2, 32, 28, 27, 40, 1, 2, 0, 1),   # strided 1x1 read from the input itself, odd width
 ]
 
 
