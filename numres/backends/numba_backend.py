@@ -470,6 +470,7 @@ def _reads_directly(conv, channels, out_w):
         return True
     return (conv.kind == "im2col" or conv.stride > 1) and out_w % _gemm.MR == 0
 
+
 # Grouped convolutions with at most this many outputs per group (and too many for
 # ``_grouped.py``) run as direct per-group convolutions on numres's GEMM kernel: 14x14x512
 # with 16 per group 3x faster than per-group BLAS GEMMs, 14x14x1024 with 32 2.4x; with 64
