@@ -443,18 +443,19 @@ def gather(x, k, stride, pad, out_h, out_w, m0, m1, a):
 
 
 @njit(**_JIT)
-def conv_pixels(m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_out, bias,
+def conv_pixels(mc, m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_out, bias,
                 residual, has_residual, relu, y2, a, c):
-    """Output pixels [m0, m1), column panels [p0, p1): gather, multiply, epilogue, in blocks.
+    """Output pixels [m0, m1), column panels [p0, p1): gather, multiply, epilogue, in blocks
+    of ``mc`` pixels (a multiple of MR).
 
     ``direct``: the activation is the GEMM input as it lies (1x1, stride 1), so only blocks
-    at the ragged end are copied. ``a`` (MC, K) and ``c`` (MC, panels*NR) are this thread's
+    at the ragged end are copied. ``a`` (mc, K) and ``c`` (mc, panels*NR) are this thread's
     scratch; ``y2`` is the (M, n_out) output.
     """
     x2 = x.reshape(-1, x.shape[3])
     total = x2.shape[0] if direct else y2.shape[0]
-    for b0 in range(m0, m1, MC):
-        b1 = min(b0 + MC, m1)
+    for b0 in range(m0, m1, mc):
+        b1 = min(b0 + mc, m1)
         rows = b1 - b0
         padded = (rows + MR - 1) // MR * MR
         if direct and b0 + padded <= total:

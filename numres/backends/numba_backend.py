@@ -276,16 +276,19 @@ class NumbaBackend(Backend):
         direct = conv.kind == "gemm" and conv.stride == 1
         ex = self.executor
 
-        def work(m0, m1, p0, p1):
-            a = thread_scratch("gemm_a", (_gemm.MC, k_dim))
-            c = thread_scratch("gemm_c", (_gemm.MC, panels * _gemm.NR))
-            _gemm.conv_pixels(m0, m1, p0, p1, x, conv.kernel_size, conv.stride, conv.padding,
-                              out_h, out_w, direct, conv.packed, conv.out_channels, *epilogue,
-                              y2, a, c)
+        def work(mc, m0, m1, p0, p1):
+            a = thread_scratch("gemm_a", (mc, k_dim))
+            c = thread_scratch("gemm_c", (mc, panels * _gemm.NR))
+            _gemm.conv_pixels(mc, m0, m1, p0, p1, x, conv.kernel_size, conv.stride,
+                              conv.padding, out_h, out_w, direct, conv.packed,
+                              conv.out_channels, *epilogue, y2, a, c)
         if m >= ex.threads * self.tuning.split_rows_min or panels < ex.threads:
-            ex.run(m, lambda m0, m1: work(m0, m1, 0, panels))
+            ex.run(m, lambda m0, m1: work(_gemm.MC, m0, m1, 0, panels))
         else:
-            ex.run(panels, lambda p0, p1: work(0, m, p0, p1))
+            # All pixels in one block: each thread then reads its panels' weights once (at
+            # batch 1 they come from memory; 196 pixels in two blocks read them twice).
+            mc = -(-m // _gemm.MR) * _gemm.MR
+            ex.run(panels, lambda p0, p1: work(mc, 0, m, p0, p1))
 
     def _direct(self, x, conv, out_h, out_w, epilogue, y2):
         """No im2col: the microkernel reads the padded input (``_gemm.conv_direct``); threads
