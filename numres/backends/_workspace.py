@@ -103,6 +103,10 @@ class Workspace:
                 starts.append(start)
         return buf[start:start + size].view(dtype).reshape(shape)
 
+    def owner_ids(self):
+        """ids of the memory blocks this thread's pool hands out views of (``_replay.py``)."""
+        return {id(buf) for buf in getattr(self._local, "buffers", ())}
+
     def clear(self):
         """Drop this thread's buffers."""
         for name in ("buffers", "sizes", "starts"):

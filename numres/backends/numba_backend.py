@@ -37,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised where numba is absent
 from . import _gemm
 from . import _grouped
 from . import _numba_kernels as K
+from . import _replay
 from . import _winograd
 from ._parallel import default_threads, shared
 
@@ -176,13 +177,17 @@ class NumbaBackend(Backend):
     Args:
         threads: threads per layer (default: see module docstring).
         winograd: allow Winograd for stride-1 3x3 convolutions (``NUMRES_WINOGRAD=0`` too).
+        replay: record the first pass per input shape and replay it later (``_replay.py``;
+            ``NUMRES_REPLAY=0`` too).
         **tuning: overrides of :class:`Tuning` fields.
     """
 
     name = "numba"
 
-    def __init__(self, threads=None, winograd=True, **tuning):
+    def __init__(self, threads=None, winograd=True, replay=True, **tuning):
         self.tuning = Tuning(**tuning)
+        self.replay = replay and os.environ.get("NUMRES_REPLAY", "1") != "0"
+        self._recording = threading.local()
         threads = threads or default_threads()
         if os.environ.get("NUMRES_NUM_THREADS"):
             _limit_blas_threads(threads)
@@ -195,12 +200,18 @@ class NumbaBackend(Backend):
     def from_nchw(self, x):
         n, c, h, w = x.shape
         out = self.workspace.get((n, h, w, c))
-        x = np.ascontiguousarray(x, np.float32)
-        self._rows(n * h, out.size, K.nchw_to_nhwc, x, out)
+        self._step(self._from_nchw, x, out)
         return out
 
+    def _from_nchw(self, x, out):
+        x = np.ascontiguousarray(x, np.float32)
+        self._rows(x.shape[0] * x.shape[2], out.size, K.nchw_to_nhwc, x, out)
+
     def to_nchw(self, act):
-        return np.ascontiguousarray(act.transpose(0, 3, 1, 2))   # (N, C, H, W)
+        n, h, w, c = act.shape
+        out = self.workspace.get((n, c, h, w))
+        self._step(_copy_nchw, act, out)
+        return out
 
     def to_numpy(self, array):
         # Results may live in the workspace; hand out a copy the pool will never reuse.
@@ -251,21 +262,29 @@ class NumbaBackend(Backend):
         epilogue = (conv.bias,
                     _EMPTY if residual is None else residual.reshape(m, o),   # (M, O) rows
                     residual is not None, relu)
+        y2 = y.reshape(m, o)
         if conv.winograd_capable and self.tuning.use_winograd(
                 conv, n * -(-h // _winograd.TILE) * -(-w // _winograd.TILE), c):
-            _winograd.conv3x3(x, conv.winograd_weight(), o, epilogue, self.executor, y)
+            self._step(_winograd.conv3x3, x, conv.winograd_weight(), o, epilogue,
+                       self.executor, y)
         elif conv.kind == "grouped":
-            self._grouped(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+            self._step(self._grouped, x, conv, out_h, out_w, epilogue, y2)
         elif conv.kind == "grouped_direct":
-            self._grouped_direct(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+            xp = self._padded(x, conv, _gemm.MR_G)
+            self._step(self._grouped_direct, xp, conv, out_h, out_w, epilogue, y2)
         elif conv.kind == "grouped_small":
-            self._grouped_small(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+            xp = self._padded(x, conv, _grouped.TILE_ROWS[conv.out_channels // conv.groups])
+            self._step(self._grouped_small, xp, conv, out_h, out_w, epilogue, y2)
         elif conv.packed is not None and _reads_directly(conv, c, out_w):
-            self._direct(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+            if conv.padding == 0 and out_w % _gemm.MR == 0:
+                xp = x      # a strided 1x1: every tile reads inside the image, no copy needed
+            else:
+                xp = self._padded(x, conv, _gemm.MR)
+            self._step(self._direct, xp, conv, out_h, out_w, epilogue, y2)
         elif conv.packed is not None:
-            self._own_gemm(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+            self._step(self._own_gemm, x, conv, out_h, out_w, epilogue, y2)
         else:
-            self._blas_gemm(x, conv, out_h, out_w, epilogue, y.reshape(m, o))
+            self._step(self._blas_gemm, x, conv, out_h, out_w, epilogue, y2)
         return y
 
     def _own_gemm(self, x, conv, out_h, out_w, epilogue, y2):
@@ -290,15 +309,11 @@ class NumbaBackend(Backend):
             mc = -(-m // _gemm.MR) * _gemm.MR
             ex.run(panels, lambda p0, p1: work(mc, 0, m, p0, p1))
 
-    def _direct(self, x, conv, out_h, out_w, epilogue, y2):
-        """No im2col: the microkernel reads the padded input (``_gemm.conv_direct``); threads
-        split the output rows, each in blocks of about ``DIRECT_BLOCK_TILES`` tiles."""
-        n = x.shape[0]
+    def _direct(self, xp, conv, out_h, out_w, epilogue, y2):
+        """No im2col: the microkernel reads the padded input ``xp`` (``_gemm.conv_direct``);
+        threads split the output rows, each in blocks of about ``DIRECT_BLOCK_TILES`` tiles."""
+        n = xp.shape[0]
         k, s = conv.kernel_size, conv.stride
-        if conv.padding == 0 and out_w % _gemm.MR == 0:
-            xp = x      # a strided 1x1: every tile reads inside the image, no copy needed
-        else:
-            xp = self._padded(x, conv, _gemm.MR)
         panels = conv.packed.shape[0]
         tiles = -(-out_w // _gemm.MR)
         rb = max(1, DIRECT_BLOCK_TILES // tiles)
@@ -316,13 +331,12 @@ class NumbaBackend(Backend):
         hp, wp = _gemm.padded_rows(h, w, conv.kernel_size, conv.stride, conv.padding,
                                    tile_rows)
         xp = self.workspace.get((n, hp, wp, c))
-        self._rows(n * hp, xp.size, _gemm.pad_input, x, conv.padding, xp)
+        self._step(self._rows, n * hp, xp.size, _gemm.pad_input, x, conv.padding, xp)
         return xp
 
-    def _grouped_direct(self, x, conv, out_h, out_w, epilogue, y2):
+    def _grouped_direct(self, xp, conv, out_h, out_w, epilogue, y2):
         """Grouped convolution with few outputs per group (ResNeXt's early stages): per
         group, a direct convolution on the padded input (``_gemm.grouped_direct``)."""
-        xp = self._padded(x, conv, _gemm.MR_G)
         width = -(-out_w // _gemm.MR_G) * _gemm.MR_G
 
         def work(r0, r1):
@@ -330,19 +344,18 @@ class NumbaBackend(Backend):
             _gemm.grouped_direct(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w,
                                  conv.groups, conv.packed, conv.out_channels, *epilogue, y2,
                                  scratch)
-        self.executor.run(x.shape[0] * out_h, work)
+        self.executor.run(xp.shape[0] * out_h, work)
 
-    def _grouped_small(self, x, conv, out_h, out_w, epilogue, y2):
+    def _grouped_small(self, xp, conv, out_h, out_w, epilogue, y2):
         """Grouped convolution with 1-8 channels per group: whole groups per vector
-        (``_grouped.py``), on the padded input; threads split the output rows."""
+        (``_grouped.py``), on the padded input ``xp``; threads split the output rows."""
         w = conv.out_channels // conv.groups
-        xp = self._padded(x, conv, _grouped.TILE_ROWS[w])
 
         def work(r0, r1):
             _grouped.grouped_small(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w, w,
                                    _grouped.TILE_ROWS[w], conv.packed, conv.out_channels,
                                    *epilogue, y2)
-        self.executor.run(x.shape[0] * out_h, work)
+        self.executor.run(xp.shape[0] * out_h, work)
 
     def _blas_gemm(self, x, conv, out_h, out_w, epilogue, y2):
         """BLAS fallback (CPUs without AVX2/AVX-512, or ``own_gemm=False``): gather (if
@@ -434,8 +447,8 @@ class NumbaBackend(Backend):
         m = n * h * w
         out = self.workspace.get(x.shape)
         res = _EMPTY if residual is None else residual.reshape(m, c)
-        self._rows(m, out.size, K.batch_norm, x.reshape(m, c), bn.scale, bn.shift, res,
-                   residual is not None, relu, out.reshape(m, c))
+        self._step(self._rows, m, out.size, K.batch_norm, x.reshape(m, c), bn.scale, bn.shift,
+                   res, residual is not None, relu, out.reshape(m, c))
         return out
 
     def max_pool2d(self, x, kernel_size, stride, padding):
@@ -443,17 +456,69 @@ class NumbaBackend(Backend):
         out_h = conv_output_size(h, kernel_size, stride, padding)
         out_w = conv_output_size(w, kernel_size, stride, padding)
         out = self.workspace.get((n, out_h, out_w, c))
-        self._rows(n * out_h, out.size, K.max_pool, x, kernel_size, stride, padding, out)
+        self._step(self._rows, n * out_h, out.size, K.max_pool, x, kernel_size, stride, padding,
+                   out)
         return out
 
     def global_avg_pool(self, x):
         n, h, w, c = x.shape
-        out = np.empty((n, c), np.float32)
-        K.mean_pixels(0, n, x.reshape(n, h * w, c), out)     # (N, H*W, C) -> (N, C)
+        out = self.workspace.get((n, c))
+        self._step(K.mean_pixels, 0, n, x.reshape(n, h * w, c), out)   # (N, H*W, C) -> (N, C)
         return out
 
     def linear(self, x, fc):
-        return x @ fc.weight_t + fc.bias
+        out = self.workspace.get((x.shape[0], fc.weight_t.shape[1]))
+        self._step(_linear, x, fc.weight_t, fc.bias, out)
+        return out
+
+    # -- recorded passes -------------------------------------------------------------------
+    def execute(self, cache, key, fn, x):
+        """Run a forward pass ``fn(x)``: the first for an input shape is recorded, later ones
+        replay it (``_replay.py``). At most ``MAX_PLANS`` shapes per model are kept; a plan
+        in use by another thread, or a pass that could not be recorded, runs as usual."""
+        if not self.replay:
+            return fn(x)
+        plan = cache.get(key)
+        if plan is None:
+            if len(cache) >= MAX_PLANS or getattr(self._recording, "now", None) is not None:
+                return fn(x)
+            return self._record(cache, key, fn, x)
+        if plan == "eager" or not plan.lock.acquire(blocking=False):
+            return fn(x)
+        try:
+            return plan.replay(x)
+        finally:
+            plan.lock.release()
+
+    def _record(self, cache, key, fn, x):
+        recorder = _replay.Recorder(x, self.workspace.owner_ids)
+        self._recording.now = recorder
+        try:
+            out = fn(x)
+            noted = _replay.portable_output(recorder, out)
+        finally:
+            self._recording.now = None
+        try:
+            plan = _replay.Plan(recorder, noted)
+        except _replay.NotReplayable:
+            plan = "eager"
+        cache[key] = plan
+        # The plan now owns these buffers: a copy, so a replay cannot overwrite a result
+        # before the caller has it.
+        return _replay.copy_tree(out)
+
+    def _step(self, fn, *args):
+        """Run ``fn(*args)``, one step of a pass, noting it when a pass is being recorded."""
+        recorder = getattr(self._recording, "now", None)
+        if recorder is None or recorder.inside:
+            fn(*args)
+            return
+        recorder.add(fn, args)
+        recorder.inside = True
+        try:
+            fn(*args)
+        finally:
+            recorder.inside = False
 
 
 # Convolutions with fewer input channels than this (the 7x7 stem: 3) skip im2col: with so
@@ -479,6 +544,19 @@ def _reads_directly(conv, channels, out_w):
 # with 16 per group 3x faster than per-group BLAS GEMMs, 14x14x1024 with 32 2.4x; with 64
 # (ResNeXt-101 32x8d's last stage) BLAS is faster.
 GROUPED_DIRECT_MAX_WIDTH = 32
+
+# Input shapes per model whose passes are recorded (each keeps its buffers).
+MAX_PLANS = 2
+
+
+def _copy_nchw(act, out):
+    np.copyto(out, act.transpose(0, 3, 1, 2))      # (N, H, W, C) -> (N, C, H, W)
+
+
+def _linear(x, weight_t, bias, out):
+    np.matmul(x, weight_t, out=out)
+    out += bias
+
 
 # A residual placeholder Numba can type when a layer has none.
 _EMPTY = np.zeros((1, 1), np.float32)
