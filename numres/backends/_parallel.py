@@ -110,6 +110,7 @@ class Executor:
     def __init__(self, threads):
         self._set_local = _openblas_local_setter() if threads > 1 else None
         self.threads = threads if self._set_local is not None else 1
+        self._blas_single = threading.local()
         self._start_workers()
         _executors.add(self)
 
@@ -123,11 +124,19 @@ class Executor:
         return self.threads > 1
 
     @contextlib.contextmanager
-    def _single_threaded_blas(self):
+    def single_threaded_blas(self):
+        """BLAS on one thread in the calling thread for the duration (it is one of the
+        executor's threads meanwhile): set once around a whole pass, :meth:`run` skips the
+        two library calls per layer, each of which let a waiting worker take the GIL."""
+        if self._set_local is None or getattr(self._blas_single, "on", False):
+            yield
+            return
         previous = self._set_local(1)
+        self._blas_single.on = True
         try:
             yield
         finally:
+            self._blas_single.on = False
             self._set_local(previous)
 
     def run(self, total, fn, parts=None):
@@ -138,7 +147,7 @@ class Executor:
             return
         if not self._busy.acquire(blocking=False):
             # The workers are taken (another caller, or a nested run): do it all here.
-            with self._single_threaded_blas():
+            with self.single_threaded_blas():
                 fn(0, total)
             return
         try:
@@ -148,7 +157,7 @@ class Executor:
                 for i in range(1, parts):
                     self._workers[i - 1].start(fn, bounds[i], bounds[i + 1])
                     started.append(self._workers[i - 1])
-                with self._single_threaded_blas():
+                with self.single_threaded_blas():
                     fn(bounds[0], bounds[1])
             finally:
                 errors = [worker.wait() for worker in started]

@@ -476,19 +476,20 @@ class NumbaBackend(Backend):
         """Run a forward pass ``fn(x)``: the first for an input shape is recorded, later ones
         replay it (``_replay.py``). At most ``MAX_PLANS`` shapes per model are kept; a plan
         in use by another thread, or a pass that could not be recorded, runs as usual."""
-        if not self.replay:
-            return fn(x)
-        plan = cache.get(key)
-        if plan is None:
-            if len(cache) >= MAX_PLANS or getattr(self._recording, "now", None) is not None:
+        with self.executor.single_threaded_blas():
+            if not self.replay:
                 return fn(x)
-            return self._record(cache, key, fn, x)
-        if plan == "eager" or not plan.lock.acquire(blocking=False):
-            return fn(x)
-        try:
-            return plan.replay(x)
-        finally:
-            plan.lock.release()
+            plan = cache.get(key)
+            if plan is None:
+                if len(cache) >= MAX_PLANS or getattr(self._recording, "now", None) is not None:
+                    return fn(x)
+                return self._record(cache, key, fn, x)
+            if plan == "eager" or not plan.lock.acquire(blocking=False):
+                return fn(x)
+            try:
+                return plan.replay(x)
+            finally:
+                plan.lock.release()
 
     def _record(self, cache, key, fn, x):
         recorder = _replay.Recorder(x, self.workspace.owner_ids)
