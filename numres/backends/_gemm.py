@@ -279,6 +279,10 @@ _microkernel = _make_microkernel(VL, MR, NR)
 # would fill 28 of 14-row tiles' rows; 8-row tiles fill 16 (AVX-512 only: AVX2's 6 fit).
 MR_SHORT = 8 if MR == 14 else MR
 _microkernel_short = _make_microkernel(VL, MR_SHORT, NR)
+# Half-height tiles for GEMMs of 49 pixels (7x7 maps at batch 1, ResNet's deepest layers):
+# 7 tiles of 7 rows instead of 4 of 14 (56 rows, 1/8 wasted). AVX2's 6-row tiles: no half.
+MR_HALF = MR // 2 if MR == 14 else MR
+_microkernel_half = _make_microkernel(VL, MR_HALF, NR)
 # Grouped convolutions (ResNeXt: 4 to 64 output channels per group) use one-vector-wide
 # panels: AVX-512 14 x 16, AVX2 12 x 8. Not taller: the tile's rows are C floats apart in
 # the image, and with C = 512 or more 28 of them fell into too few L1 sets (1.35x slower).
@@ -368,11 +372,14 @@ def _gemm_finish(a, rows, bp, p0, p1, n_out, bias, residual, has_residual, relu,
     Whole tiles (MR rows of one full NR-column panel) are finished by the microkernel and
     stored straight into ``y2``: no scratch round trip, no separate epilogue pass. Ragged
     tiles (the last rows of the block, a last panel narrower than NR) go through ``c``
-    (this thread's (>= tiles*MR, panels*NR) scratch) and :func:`epilogue_block`.
+    (this thread's (>= tiles*MR, panels*NR) scratch) and :func:`epilogue_block`. Where
+    half-height tiles pad less (``MR_HALF``: 49 pixels, a 7x7 map at batch 1), they are used.
     """
     k = a.shape[1]
-    tiles = (rows + MR - 1) // MR
-    whole_tiles = rows // MR
+    half = _padded(rows, MR_HALF) < _padded(rows, MR)
+    mr = MR_HALF if half else MR
+    tiles = (rows + mr - 1) // mr
+    whole_tiles = rows // mr
     whole_panels = min(p1, n_out // NR)
     ldc = c.shape[1]
     a_ptr, b_ptr, c_ptr = _data_ptr(a), _data_ptr(bp), _data_ptr(c)
@@ -386,17 +393,22 @@ def _gemm_finish(a, rows, bp, p0, p1, n_out, bias, residual, has_residual, relu,
             nxt, share, step = _next_chunk(jp, pc, k, p0, p1, tiles)
             for t in range(tiles):
                 if t < whole_tiles and jp < whole_panels:
-                    out = (m0 + t * MR) * n_out + jp * NR
-                    _microkernel(kc, 1, a_ptr, t * MR * k + pc, k, 0, b_ptr, b_off, y_ptr,
-                                 out, n_out, pc > 0, last, bias_ptr, jp * NR, res_ptr, out,
-                                 n_out, has_residual, relu, nxt + t * share, step)
+                    out, ld, finish = (m0 + t * mr) * n_out + jp * NR, n_out, last
+                    dst_ptr = y_ptr
                 else:
-                    _microkernel(kc, 1, a_ptr, t * MR * k + pc, k, 0, b_ptr, b_off, c_ptr,
-                                 t * MR * ldc + jp * NR, ldc, pc > 0,
-                                 False, c_ptr, 0, c_ptr, 0, 0, False, False,
-                                 nxt + t * share, step)
+                    out, ld, finish = t * mr * ldc + jp * NR, ldc, False
+                    dst_ptr = c_ptr
+                if half:
+                    _microkernel_half(kc, 1, a_ptr, t * mr * k + pc, k, 0, b_ptr, b_off,
+                                      dst_ptr, out, ld, pc > 0, finish, bias_ptr, jp * NR,
+                                      res_ptr, out, ld, has_residual and finish, relu,
+                                      nxt + t * share, step)
+                else:
+                    _microkernel(kc, 1, a_ptr, t * mr * k + pc, k, 0, b_ptr, b_off, dst_ptr,
+                                 out, ld, pc > 0, finish, bias_ptr, jp * NR, res_ptr, out,
+                                 ld, has_residual and finish, relu, nxt + t * share, step)
     c0, c1 = p0 * NR, min(p1 * NR, n_out)
-    done = whole_tiles * MR
+    done = whole_tiles * mr
     if done < rows:           # the ragged last rows, every panel
         epilogue_block(y2, m0 + done, c, done, rows - done, c0, c1, bias, residual,
                        has_residual, relu)
