@@ -67,6 +67,48 @@ def _data_ptr(typingctx, arr):
     return sig, codegen
 
 
+@intrinsic
+def _claim(typingctx, counters, slot):
+    """Atomically ``counters[slot] += 1``; returns the value before (int64 array)."""
+    sig = types.int64(counters, types.intp)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        where = builder.gep(array.data, [args[1]])
+        return builder.atomic_rmw("add", where, ir.Constant(ir.IntType(64), 1), "monotonic")
+    return sig, codegen
+
+
+# Claim counters one 64-byte line apart, so threads claiming work do not share a line.
+COUNTER_STRIDE = 8
+
+
+def work_counters(parts):
+    """Fresh counters for :func:`next_block`, shared by the ``parts`` threads of one run."""
+    return np.zeros(parts * COUNTER_STRIDE, np.int64)
+
+
+@njit(inline="always", cache=True, nogil=True, error_model="numpy", boundscheck=False)
+def next_block(counters, part, parts, blocks):
+    """The next of ``blocks`` blocks for thread ``part`` of ``parts``, or -1 when none is
+    left: first its own contiguous share, in order (the rows it had in the previous layer,
+    still in its cache), then whatever the other threads have not started yet.
+
+    Equal static shares made every layer wait for the slower thread, and the two virtual
+    CPUs here are often not equally fast: one ran a compute-bound kernel 1.65x slower than
+    the other (measured with each pinned in turn), for minutes at a time.
+    """
+    for i in range(parts):
+        p = (part + i) % parts
+        lo, hi = blocks * p // parts, blocks * (p + 1) // parts
+        if lo >= hi:
+            continue
+        b = lo + _claim(counters, p * COUNTER_STRIDE)
+        if b < hi:
+            return b
+    return -1
+
+
 def register_loop(builder, vec, kc, rounds, count, start_run, step):
     """Emit ``for r < rounds: for p < kc:`` with ``count`` vector accumulators held in
     registers (phi nodes) across both loops, starting from zero; the kernels' shared skeleton.
@@ -307,10 +349,11 @@ def pack_weights(w, out=None):
 
 
 @njit(**_JIT)
-def _next_chunk(jp, pc, k, p0, p1, tiles):
-    """Where the weights multiplied after chunk (panel ``jp``, depth ``pc``) start, and how
-    each of the chunk's ``tiles`` calls should prefetch a share of them: (first float of the
-    share for tile 0, floats per tile, floats per k step).
+def _next_chunk(jp, pc, k, p0, p1, tiles, pf_p1):
+    """Where the weights multiplied after chunk (panel ``jp``, depth ``pc``) of panels
+    [p0, p1) start, and how each of the chunk's ``tiles`` calls should prefetch a share of
+    them: (first float of the share for tile 0, floats per tile, floats per k step). After
+    the last chunk: panel ``p1`` if ``p1 < pf_p1`` (taken next), else the first chunk again.
 
     At small batches a chunk of weights serves only a few row tiles, so they come from
     memory; reading them in bursts when their chunk starts left the core waiting. Spread
@@ -322,6 +365,8 @@ def _next_chunk(jp, pc, k, p0, p1, tiles):
         nxt = ((jp + 1) * k + pc) * NR
     elif pc + KC < k:
         nxt = (p0 * k + pc + KC) * NR
+    elif p1 < pf_p1:
+        nxt = p1 * k * NR          # the next panel of this thread's share
     else:
         nxt = p0 * k * NR          # the next block of rows starts over
     share = (kc * NR + tiles - 1) // tiles
@@ -346,7 +391,7 @@ def gemm_block(a, rows, bp, p0, p1, c):
         kc = min(KC, k - pc)
         for jp in range(p0, p1):
             b_off = (jp * k + pc) * NR
-            nxt, share, step = _next_chunk(jp, pc, k, p0, p1, tiles)
+            nxt, share, step = _next_chunk(jp, pc, k, p0, p1, tiles, p1)
             for t in range(tiles):
                 if short:
                     _microkernel_short(kc, 1, a_ptr, t * mr * k + pc, k, 0, b_ptr, b_off,
@@ -366,7 +411,8 @@ def _padded(rows, mr):
 
 
 @njit(**_JIT)
-def _gemm_finish(a, rows, bp, p0, p1, n_out, bias, residual, has_residual, relu, y2, m0, c):
+def _gemm_finish(a, rows, bp, p0, p1, pf_p1, n_out, bias, residual, has_residual, relu, y2,
+                 m0, c):
     """y2[m0:m0+rows, panels p0..p1] = relu?(a[:rows] @ B + bias + residual?).
 
     Whole tiles (MR rows of one full NR-column panel) are finished by the microkernel and
@@ -374,6 +420,8 @@ def _gemm_finish(a, rows, bp, p0, p1, n_out, bias, residual, has_residual, relu,
     tiles (the last rows of the block, a last panel narrower than NR) go through ``c``
     (this thread's (>= tiles*MR, panels*NR) scratch) and :func:`epilogue_block`. Where
     half-height tiles pad less (``MR_HALF``: 49 pixels, a 7x7 map at batch 1), they are used.
+    The last chunk prefetches the weights of panel ``p1`` if ``p1 < pf_p1`` (the panel this
+    thread likely takes next), else of the first chunk again.
     """
     k = a.shape[1]
     half = _padded(rows, MR_HALF) < _padded(rows, MR)
@@ -390,7 +438,7 @@ def _gemm_finish(a, rows, bp, p0, p1, n_out, bias, residual, has_residual, relu,
         last = pc + kc >= k
         for jp in range(p0, p1):
             b_off = (jp * k + pc) * NR
-            nxt, share, step = _next_chunk(jp, pc, k, p0, p1, tiles)
+            nxt, share, step = _next_chunk(jp, pc, k, p0, p1, tiles, pf_p1)
             for t in range(tiles):
                 if t < whole_tiles and jp < whole_panels:
                     out, ld, finish = (m0 + t * mr) * n_out + jp * NR, n_out, last
@@ -455,33 +503,47 @@ def gather(x, k, stride, pad, out_h, out_w, m0, m1, a):
 
 
 @njit(**_JIT)
-def conv_pixels(mc, m0, m1, p0, p1, x, k, stride, pad, out_h, out_w, direct, bp, n_out, bias,
-                residual, has_residual, relu, y2, a, c):
-    """Output pixels [m0, m1), column panels [p0, p1): gather, multiply, epilogue, in blocks
-    of ``mc`` pixels (a multiple of MR).
+def conv_pixels(counters, part, parts, by_panels, mc, m0, m1, p0, p1, x, k, stride, pad, out_h,
+                out_w, direct, bp, n_out, bias, residual, has_residual, relu, y2, a, c):
+    """Output pixels [m0, m1), column panels [p0, p1): gather, multiply, epilogue.
 
-    ``direct``: the activation is the GEMM input as it lies (1x1, stride 1), so only blocks
-    at the ragged end are copied. ``a`` (mc, K) and ``c`` (mc, panels*NR) are this thread's
+    Thread ``part`` of ``parts`` claims work with :func:`next_block`: blocks of ``mc``
+    pixels (a multiple of MR), all panels each; or, ``by_panels`` (few pixels: the deep
+    layers at small batches), single panels for all pixels, gathered once (``mc`` >= the
+    pixels). ``direct``: the activation is the GEMM input as it lies (1x1, stride 1), so only
+    a ragged end is copied. ``a`` (mc, K) and ``c`` (mc, panels*NR) are this thread's
     scratch; ``y2`` is the (M, n_out) output.
     """
     x2 = x.reshape(-1, x.shape[3])
     total = x2.shape[0] if direct else y2.shape[0]
-    for b0 in range(m0, m1, mc):
-        b1 = min(b0 + mc, m1)
+    blocks = p1 - p0 if by_panels else (m1 - m0 + mc - 1) // mc
+    started = False
+    while True:
+        blk = next_block(counters, part, parts, blocks)
+        if blk < 0:
+            return
+        b0, b1 = (m0, m1) if by_panels else (m0 + blk * mc, min(m0 + (blk + 1) * mc, m1))
         rows = b1 - b0
         padded = (rows + MR - 1) // MR * MR
         if direct and b0 + padded <= total:
             src = x2[b0:b0 + padded]
-        elif direct:
-            a[:rows] = x2[b0:b1]
-            a[rows:padded] = 0.0
-            src = a[:padded]
         else:
-            gather(x, k, stride, pad, out_h, out_w, b0, b1, a)
-            a[rows:padded] = 0.0
             src = a[:padded]
-        _gemm_finish(src, rows, bp, p0, p1, n_out, bias, residual, has_residual, relu, y2,
-                     b0, c)
+            if not (by_panels and started):          # by panels: one gather serves all
+                if direct:
+                    a[:rows] = x2[b0:b1]
+                else:
+                    gather(x, k, stride, pad, out_h, out_w, b0, b1, a)
+                a[rows:padded] = 0.0
+        started = True
+        if by_panels:
+            # Prefetch toward the end of this thread's own share of panels.
+            share_end = p0 + blocks * (part + 1) // parts
+            _gemm_finish(src, rows, bp, p0 + blk, p0 + blk + 1, share_end, n_out, bias,
+                         residual, has_residual, relu, y2, b0, c)
+        else:
+            _gemm_finish(src, rows, bp, p0, p1, p1, n_out, bias, residual, has_residual,
+                         relu, y2, b0, c)
 
 
 @njit(**_JIT)
@@ -528,15 +590,16 @@ def pad_input(r0, r1, x, pad, xp):
 
 
 @njit(**_JIT)
-def conv_direct(r0, r1, rb, xp, k, stride, out_h, out_w, bp, n_out, bias, residual,
-                has_residual, relu, y2, c):
+def conv_direct(counters, part, parts, rows, rb, xp, k, stride, out_h, out_w, bp, n_out, bias,
+                residual, has_residual, relu, y2, c):
     """A convolution without im2col: the microkernel reads the (padded) NHWC input itself.
 
     For one kernel row ``ky``, the ``k * C`` inputs a pixel needs are contiguous in the
     padded NHWC input, and neighbouring output pixels start ``stride * C`` floats apart: so
     the microkernel reads A straight from the image with that row stride, in ``k`` runs (one
-    per kernel row) without leaving its registers. Output rows [r0, r1) (row = n * out_h +
-    oy) in blocks of ``rb`` rows; per block, panel by panel, so one panel's weights serve the
+    per kernel row) without leaving its registers. Output rows [0, rows) (row = n * out_h +
+    oy) in blocks of ``rb`` rows, claimed by thread ``part`` of ``parts`` with
+    :func:`next_block`; per block, panel by panel, so one panel's weights serve the
     block's tiles from cache (the stem: 147 x 32 floats in L1 with ``rb`` = 1; a 3x3 layer:
     a panel in L2 for a dozen tiles) while the next panel is prefetched
     (:func:`_next_chunk`'s scheme). ``xp`` from :func:`pad_input` (or the input itself where
@@ -556,8 +619,13 @@ def conv_direct(r0, r1, rb, xp, k, stride, out_h, out_w, bp, n_out, bias, residu
     whole_tiles = out_w // MR
     whole_panels = n_out // NR
     done = whole_tiles * MR
-    for b0 in range(r0, r1, rb):
-        b1 = min(b0 + rb, r1)
+    blocks = (rows + rb - 1) // rb
+    while True:
+        blk = next_block(counters, part, parts, blocks)
+        if blk < 0:
+            return
+        b0 = blk * rb
+        b1 = min(b0 + rb, rows)
         calls = (b1 - b0) * tiles
         share = (kdim * NR + calls - 1) // calls
         pf_step = (share + kdim - 1) // kdim

@@ -139,6 +139,17 @@ class Executor:
             self._blas_single.on = False
             self._set_local(previous)
 
+    def share(self, fn):
+        """Call ``fn(part, parts)`` on each of the ``parts`` threads, for kernels that claim
+        their blocks themselves (``_gemm.next_block``). When the threads are taken, the calls
+        run one after another in the caller, and the first does all the work."""
+        parts = self.threads
+
+        def each(i0, i1):
+            for part in range(i0, i1):
+                fn(part, parts)
+        self.run(parts, each)
+
     def run(self, total, fn, parts=None):
         """Split ``[0, total)`` into ``parts`` (default: threads) ranges and run them at once."""
         parts = min(parts or self.threads, total, self.threads)

@@ -20,6 +20,10 @@ ALPHA = TILE + 2  # input pixels per tile side
 # Tiles transformed and multiplied together: enough rows for efficient GEMMs, few enough that
 # the (36, tiles, C) block stays in L2.
 BLOCK_TILES = 128
+# Transformed filters this small (bytes) stay in L2 when re-read per block, and blocks of at
+# least this many tiles then still run the GEMMs efficiently.
+SMALL_FILTERS = 1 << 20
+MIN_BLOCK_TILES = 28
 
 # Transform matrices for F(4x4, 3x3).
 BT = np.array([[4, 0, -5, 0, 1, 0],
@@ -188,35 +192,77 @@ def output_transform(r0, r1, m, tmp, acc, bias, residual, has_residual, relu, y)
                 epilogue_block(y2, r, acc, 0, cols, 0, o, bias, residual, has_residual, relu)
 
 
+@kernel
+def claimed_blocks(counters, part, parts, total, per_block, x, weight, d, d2, v, mm, tmp, acc,
+                   bias, residual, has_residual, relu, y):
+    """Blocks of ``per_block`` of the ``total`` tile rows, claimed by thread ``part`` of
+    ``parts`` (``_gemm.next_block``): transform, the 36 GEMMs on numres's kernel, inverse
+    transform and epilogue. Scratch ``v`` (36, >= block tiles, C), ``mm`` (36, same, O)."""
+    tw = (x.shape[2] + 3) // 4
+    blocks = (total + per_block - 1) // per_block
+    while True:
+        blk = _gemm.next_block(counters, part, parts, blocks)
+        if blk < 0:
+            return
+        b0 = blk * per_block
+        b1 = min(b0 + per_block, total)
+        input_transform(b0, b1, x, d, d2, v)
+        _gemm.batched_gemm(v, (b1 - b0) * tw, weight, mm)
+        output_transform(b0, b1, mm, tmp, acc, bias, residual, has_residual, relu, y)
+
+
 def conv3x3(x, weight, out_channels, epilogue, executor, y):
     """Stride-1, padding-1 3x3 convolution of NHWC ``x`` into ``y`` with a fused epilogue.
 
     ``weight`` is :func:`transform_weights`'s array (packed 4-D for numres's GEMM, else
     (36, C, O) for BLAS); ``epilogue`` is ``(bias, residual rows (M, O), has_residual,
-    relu)``. Each thread takes whole tile rows and runs transform, 36 GEMMs and inverse
-    transform on blocks of them, so the transformed tiles stay in cache.
+    relu)``. Threads take blocks of tile rows and run transform, 36 GEMMs and inverse
+    transform on each, so the transformed tiles stay in cache.
     """
     n, h, w, c = x.shape
     th, tw = tiles(h, w)
+    total = n * th
     rows_per_block = max(1, BLOCK_TILES // tw)
-    own = weight.ndim == 4
-    width = weight.shape[1] * _gemm.NR if own else out_channels
+    if weight.ndim == 4:
+        _claimed(x, weight, out_channels, epilogue, executor, y, total, rows_per_block)
+        return y
 
     def work(r0, r1):
         for b0 in range(r0, r1, rows_per_block):
             b1 = min(b0 + rows_per_block, r1)
             t = (b1 - b0) * tw
-            rows = -(-t // _gemm.MR) * _gemm.MR if own else t   # whole microkernel tiles
-            v = thread_scratch("winograd_v", (ALPHA * ALPHA, rows, c))
-            mm = thread_scratch("winograd_m", (ALPHA * ALPHA, rows, width))
+            v = thread_scratch("winograd_v", (ALPHA * ALPHA, t, c))
+            mm = thread_scratch("winograd_m", (ALPHA * ALPHA, t, out_channels))
             input_transform(b0, b1, x, thread_scratch("winograd_d", (ALPHA, ALPHA, c)),
                             thread_scratch("winograd_d2", (ALPHA, ALPHA, c)), v)
-            if own:
-                _gemm.batched_gemm(v, t, weight, mm)
-            else:
-                np.matmul(v, weight, out=mm)     # (36, t, C) @ (36, C, O) -> (36, t, O)
+            np.matmul(v, weight, out=mm)     # (36, t, C) @ (36, C, O) -> (36, t, O)
             output_transform(b0, b1, mm, thread_scratch("winograd_t", (4, ALPHA, out_channels)),
                              thread_scratch("winograd_o", (4, out_channels)), *epilogue, y)
 
-    executor.run(n * th, work)
+    executor.run(total, work)
     return y
+
+
+def _claimed(x, weight, out_channels, epilogue, executor, y, total, rows_per_block):
+    """numres's GEMM path: blocks claimed by the threads (:func:`claimed_blocks`). Where the
+    transformed filters are small enough to re-read per block from cache, blocks are cut
+    finer (at least ``MIN_BLOCK_TILES`` tiles), so a faster thread can take over part of a
+    slower one's share; otherwise about one block per thread, each reading them once."""
+    c, tw = x.shape[3], tiles(x.shape[1], x.shape[2])[1]
+    threads = executor.threads
+    per_block = min(rows_per_block, -(-total // threads))
+    if weight.nbytes <= SMALL_FILTERS:
+        per_block = min(per_block, max(-(-MIN_BLOCK_TILES // tw), total // (3 * threads)))
+    rows = -(-(per_block * tw) // _gemm.MR) * _gemm.MR       # whole microkernel tiles
+    width = weight.shape[1] * _gemm.NR
+    counters = _gemm.work_counters(threads)
+
+    def work(part, parts):
+        claimed_blocks(counters, part, parts, total, per_block, x, weight,
+                       thread_scratch("winograd_d", (ALPHA, ALPHA, c)),
+                       thread_scratch("winograd_d2", (ALPHA, ALPHA, c)),
+                       thread_scratch("winograd_v", (ALPHA * ALPHA, rows, c)),
+                       thread_scratch("winograd_m", (ALPHA * ALPHA, rows, width)),
+                       thread_scratch("winograd_t", (4, ALPHA, out_channels)),
+                       thread_scratch("winograd_o", (4, out_channels)), *epilogue, y)
+    executor.share(work)

@@ -288,41 +288,48 @@ class NumbaBackend(Backend):
         return y
 
     def _own_gemm(self, x, conv, out_h, out_w, epilogue, y2):
-        """numres's GEMM: each thread gathers, multiplies and finishes blocks of pixels; with
-        few pixels (deep layers, small batches) threads split the output channels instead."""
+        """numres's GEMM: threads claim blocks of pixels to gather, multiply and finish; with
+        few pixels (deep layers, small batches) they claim output panels instead."""
         m, k_dim = y2.shape[0], conv.packed.shape[1]
         panels = conv.packed.shape[0]
         direct = conv.kind == "gemm" and conv.stride == 1
         ex = self.executor
+        by_panels = m < ex.threads * self.tuning.split_rows_min and panels >= ex.threads
+        if by_panels:
+            # All pixels in one block: each panel's weights are read once (at batch 1 they
+            # come from memory; 196 pixels in two blocks read them twice).
+            mc = -(-m // _gemm.MR) * _gemm.MR
+        else:
+            # Blocks of up to MC pixels, at least BLOCKS_PER_THREAD per thread.
+            mc = min(_gemm.MC, max(1, -(-m // (ex.threads * BLOCKS_PER_THREAD * _gemm.MR)))
+                     * _gemm.MR)
+        counters = _gemm.work_counters(ex.threads)
 
-        def work(mc, m0, m1, p0, p1):
+        def work(part, parts):
             a = thread_scratch("gemm_a", (mc, k_dim))
             c = thread_scratch("gemm_c", (mc, panels * _gemm.NR))
-            _gemm.conv_pixels(mc, m0, m1, p0, p1, x, conv.kernel_size, conv.stride,
-                              conv.padding, out_h, out_w, direct, conv.packed,
-                              conv.out_channels, *epilogue, y2, a, c)
-        if m >= ex.threads * self.tuning.split_rows_min or panels < ex.threads:
-            ex.run(m, lambda m0, m1: work(_gemm.MC, m0, m1, 0, panels))
-        else:
-            # All pixels in one block: each thread then reads its panels' weights once (at
-            # batch 1 they come from memory; 196 pixels in two blocks read them twice).
-            mc = -(-m // _gemm.MR) * _gemm.MR
-            ex.run(panels, lambda p0, p1: work(mc, 0, m, p0, p1))
+            _gemm.conv_pixels(counters, part, parts, by_panels, mc, 0, m, 0, panels, x,
+                              conv.kernel_size, conv.stride, conv.padding, out_h, out_w,
+                              direct, conv.packed, conv.out_channels, *epilogue, y2, a, c)
+        ex.share(work)
 
     def _direct(self, xp, conv, out_h, out_w, epilogue, y2):
         """No im2col: the microkernel reads the padded input ``xp`` (``_gemm.conv_direct``);
-        threads split the output rows, each in blocks of about ``DIRECT_BLOCK_TILES`` tiles."""
+        threads claim blocks of output rows of up to ``DIRECT_BLOCK_TILES`` tiles."""
         n = xp.shape[0]
         k, s = conv.kernel_size, conv.stride
         panels = conv.packed.shape[0]
         tiles = -(-out_w // _gemm.MR)
-        rb = max(1, DIRECT_BLOCK_TILES // tiles)
+        rows = n * out_h
+        rb = max(1, min(DIRECT_BLOCK_TILES // tiles,
+                        rows // (self.executor.threads * BLOCKS_PER_THREAD)))
+        counters = _gemm.work_counters(self.executor.threads)
 
-        def work(r0, r1):
+        def work(part, parts):
             scratch = thread_scratch("gemm_c", (rb * tiles * _gemm.MR, panels * _gemm.NR))
-            _gemm.conv_direct(r0, r1, rb, xp, k, s, out_h, out_w, conv.packed,
-                              conv.out_channels, *epilogue, y2, scratch)
-        self.executor.run(n * out_h, work)
+            _gemm.conv_direct(counters, part, parts, rows, rb, xp, k, s, out_h, out_w,
+                              conv.packed, conv.out_channels, *epilogue, y2, scratch)
+        self.executor.share(work)
 
     def _padded(self, x, conv, tile_rows):
         """``x`` zero-padded for a direct kernel with tiles of ``tile_rows`` pixels
@@ -527,6 +534,9 @@ class NumbaBackend(Backend):
 DIRECT_MAX_CHANNELS = 16
 # Row blocks of the direct convolution: tiles that share one panel of weights from cache.
 DIRECT_BLOCK_TILES = 12
+# Blocks each thread's share of a layer is cut into at least (where it has enough rows),
+# so that a faster thread can take over the slower one's last blocks (``_gemm.next_block``).
+BLOCKS_PER_THREAD = 4
 
 
 def _reads_directly(conv, channels, out_w):

@@ -124,3 +124,35 @@ def test_buffers_are_free_after_a_call(rng):
     busy = [i for i in range(len(local.buffers))
             if sys.getrefcount(local.buffers[i]) != _workspace._FREE]
     assert busy == []
+
+
+@pytest.mark.parametrize("parts,blocks", [(1, 5), (2, 0), (2, 1), (2, 7), (3, 8)])
+def test_claimed_blocks_are_handed_out_once_own_share_first(parts, blocks):
+    gemm = pytest.importorskip("numres.backends._gemm", reason="Numba is not installed")
+    counters = gemm.work_counters(parts)
+    taken = {p: [] for p in range(parts)}
+    active = list(range(parts))
+    while active:                        # the threads claim in turn until none is left
+        for p in list(active):
+            b = gemm.next_block(counters, p, parts, blocks)
+            if b < 0:
+                active.remove(p)
+            else:
+                taken[p].append(b)
+    assert sorted(b for bs in taken.values() for b in bs) == list(range(blocks))
+    for p in range(parts):
+        # Each works through its own share from the start, in order, before taking others'
+        # (which a thread that finished early may have entered).
+        share = list(range(blocks * p // parts, blocks * (p + 1) // parts))
+        own = [b for b in taken[p] if b in share]
+        assert own == taken[p][:len(own)] == share[:len(own)]
+
+
+def test_a_lone_thread_takes_over_the_other_shares():
+    gemm = pytest.importorskip("numres.backends._gemm", reason="Numba is not installed")
+    counters = gemm.work_counters(2)
+    assert gemm.next_block(counters, 1, 2, 6) == 3      # the other thread started
+    got = []
+    while (b := gemm.next_block(counters, 0, 2, 6)) >= 0:
+        got.append(b)
+    assert got == [0, 1, 2, 4, 5]
