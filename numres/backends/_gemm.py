@@ -239,10 +239,11 @@ def _make_microkernel(vl, mr, nr):
                 for line in range(2):
                     ahead = builder.bitcast(builder.gep(pf_row, [const(16 * line)]), i8ptr)
                     builder.call(prefetch, [ahead, i32(0), i32(3), i32(1)])
-                # The tile's output lines (and residual lines, if it adds them), one per
-                # step while the multiply runs: they are usually out of L2 (a layer's
-                # output, the block's input), and fetching them only at the stores stalled.
-                with builder.if_then(builder.icmp_signed("<", q, const(tile_lines)),
+                # The tile's output lines (and residual lines, if it adds them), then the
+                # next tile's (MR rows further, where callers go next), one per step while
+                # the multiply runs: they are usually out of L2 (a layer's output, the
+                # block's input), and fetching them only at the stores stalled.
+                with builder.if_then(builder.icmp_signed("<", q, const(2 * tile_lines)),
                                      likely=False):
                     row = builder.udiv(q, const(row_lines))
                     offset = builder.mul(builder.urem(q, const(row_lines)), const(16))
