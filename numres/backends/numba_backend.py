@@ -142,7 +142,7 @@ def _compile_notice():
             return
         _noticed = True
     sys.stderr.write("numres: compiling the CPU kernels for this machine; this happens once "
-                     "(about 20 s on 2 cores) and is cached. 'numres warmup' does it ahead.\n")
+                     "(20-30 s on 2 cores) and is cached. 'numres warmup' does it ahead.\n")
 
 
 def warmup():
