@@ -591,8 +591,8 @@ def pad_input(r0, r1, x, pad, xp):
 
 
 @njit(**_JIT)
-def conv_direct(counters, part, parts, rows, rb, xp, k, stride, out_h, out_w, bp, n_out, bias,
-                residual, has_residual, relu, y2, c):
+def conv_direct(counters, part, parts, by_panels, rows, rb, xp, k, stride, out_h, out_w, bp,
+                n_out, bias, residual, has_residual, relu, y2, c):
     """A convolution without im2col: the microkernel reads the (padded) NHWC input itself.
 
     For one kernel row ``ky``, the ``k * C`` inputs a pixel needs are contiguous in the
@@ -603,9 +603,11 @@ def conv_direct(counters, part, parts, rows, rb, xp, k, stride, out_h, out_w, bp
     :func:`next_block`; per block, panel by panel, so one panel's weights serve the
     block's tiles from cache (the stem: 147 x 32 floats in L1 with ``rb`` = 1; a 3x3 layer:
     a panel in L2 for a dozen tiles) while the next panel is prefetched
-    (:func:`_next_chunk`'s scheme). ``xp`` from :func:`pad_input` (or the input itself where
-    no tile reads outside it); ``c`` (rb * tiles * MR, panels * NR) is this thread's scratch
-    for ragged tiles.
+    (:func:`_next_chunk`'s scheme). ``by_panels`` (few rows, large weights): threads claim
+    single panels instead, each for all rows (``rb`` = ``rows``), so the weights are read
+    once in all. ``xp`` from :func:`pad_input` (or the input itself where no tile reads
+    outside it); ``c`` (rb * tiles * MR, panels * NR) is this thread's scratch for ragged
+    tiles.
     """
     _, hp, wp, ch = xp.shape
     panels = bp.shape[0]
@@ -620,17 +622,19 @@ def conv_direct(counters, part, parts, rows, rb, xp, k, stride, out_h, out_w, bp
     whole_tiles = out_w // MR
     whole_panels = n_out // NR
     done = whole_tiles * MR
-    blocks = (rows + rb - 1) // rb
+    blocks = panels if by_panels else (rows + rb - 1) // rb
     while True:
         blk = next_block(counters, part, parts, blocks)
         if blk < 0:
             return
-        b0 = blk * rb
-        b1 = min(b0 + rb, rows)
+        if by_panels:
+            b0, b1, p0, p1 = 0, rows, blk, blk + 1
+        else:
+            b0, b1, p0, p1 = blk * rb, min(blk * rb + rb, rows), 0, panels
         calls = (b1 - b0) * tiles
         share = (kdim * NR + calls - 1) // calls
         pf_step = (share + kdim - 1) // kdim
-        for jp in range(panels):
+        for jp in range(p0, p1):
             nxt = (jp + 1) * kdim * NR if jp + 1 < panels else 0
             for r in range(b0, b1):
                 n, oy = r // out_h, r % out_h
@@ -647,14 +651,15 @@ def conv_direct(counters, part, parts, rows, rb, xp, k, stride, out_h, out_w, bp
                         _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
                                      c_ptr, tile * ldc + jp * NR, ldc, False,
                                      False, c_ptr, 0, c_ptr, 0, 0, False, False, pf, pf_step)
+        c0, c1 = p0 * NR, min(p1 * NR, n_out)
         for r in range(b0, b1):
             tile = (r - b0) * tiles * MR
             if done < out_w:
-                epilogue_block(y2, r * out_w + done, c, tile + done, out_w - done, 0, n_out,
+                epilogue_block(y2, r * out_w + done, c, tile + done, out_w - done, c0, c1,
                                bias, residual, has_residual, relu)
-            if whole_panels < panels:
-                epilogue_block(y2, r * out_w, c, tile, done, whole_panels * NR, n_out, bias,
-                               residual, has_residual, relu)
+            if whole_panels < p1:
+                epilogue_block(y2, r * out_w, c, tile, done, max(c0, whole_panels * NR), c1,
+                               bias, residual, has_residual, relu)
 
 
 def pack_grouped(w, groups):

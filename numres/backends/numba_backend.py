@@ -321,14 +321,21 @@ class NumbaBackend(Backend):
         panels = conv.packed.shape[0]
         tiles = -(-out_w // _gemm.MR)
         rows = n * out_h
-        rb = max(1, min(DIRECT_BLOCK_TILES // tiles,
-                        rows // (self.executor.threads * BLOCKS_PER_THREAD)))
-        counters = _gemm.work_counters(self.executor.threads)
+        threads = self.executor.threads
+        # Few tiles and more weights than fit in L2 (the deep layers at small batches):
+        # threads take panels for all rows, so the weights are read once, not per block.
+        by_panels = (rows * tiles < 2 * threads * DIRECT_BLOCK_TILES
+                     and conv.packed.nbytes > DIRECT_PANEL_BYTES and panels >= 2 * threads)
+        if by_panels:
+            rb = rows
+        else:
+            rb = max(1, min(DIRECT_BLOCK_TILES // tiles, rows // (threads * BLOCKS_PER_THREAD)))
+        counters = _gemm.work_counters(threads)
 
         def work(part, parts):
             scratch = thread_scratch("gemm_c", (rb * tiles * _gemm.MR, panels * _gemm.NR))
-            _gemm.conv_direct(counters, part, parts, rows, rb, xp, k, s, out_h, out_w,
-                              conv.packed, conv.out_channels, *epilogue, y2, scratch)
+            _gemm.conv_direct(counters, part, parts, by_panels, rows, rb, xp, k, s, out_h,
+                              out_w, conv.packed, conv.out_channels, *epilogue, y2, scratch)
         self.executor.share(work)
 
     def _padded(self, x, conv, tile_rows):
@@ -534,6 +541,9 @@ class NumbaBackend(Backend):
 DIRECT_MAX_CHANNELS = 16
 # Row blocks of the direct convolution: tiles that share one panel of weights from cache.
 DIRECT_BLOCK_TILES = 12
+# Direct convolutions with fewer tiles than two blocks per thread and more weight bytes
+# than this split by panels (ResNet-50's 28x28x256 -> 14x14 at batch 1: 2.4 MB per block).
+DIRECT_PANEL_BYTES = 1 << 20
 # Blocks each thread's share of a layer is cut into at least (where it has enough rows),
 # so that a faster thread can take over the slower one's last blocks (``_gemm.next_block``).
 BLOCKS_PER_THREAD = 4

@@ -65,6 +65,7 @@ CONV_CASES = [
     (1, 16, 14, 14, 32, 3, 1, 1, 1),   # 3x3 stride 1 (direct where Winograd is not used)
     (2, 32, 28, 27, 40, 1, 2, 0, 1),   # strided 1x1 read from the input itself, odd width
     (1, 64, 7, 7, 48, 3, 1, 1, 1),     # 49 pixels (Numba, AVX-512: 7-row tiles), partial panel
+    (1, 256, 28, 28, 272, 3, 2, 1, 1),  # few tiles, 2.6 MB of weights: direct, by panels
 ]
 
 
