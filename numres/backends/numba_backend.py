@@ -3,7 +3,8 @@
 Layout choice: with channels last, a 1x1 convolution is one GEMM on the activation as it lies
 in memory, ``(N*H*W, C) @ (C, O)``, and its result is already the next layer's NHWC input.
 A kxk convolution gathers its windows per block of output pixels (im2col) into the GEMM;
-the stem, with only 3 channels, is computed from the padded image without gathering.
+the stem (3 channels), stride-2 3x3 layers and strided 1x1s whose output rows are whole
+tiles are computed from the (padded) input without gathering.
 The GEMM is ``_gemm.py``'s FMA microkernel with weights packed once at load time; bias,
 residual add and ReLU are applied while each block is still in cache. A stride-1 3x3
 convolution with enough tiles uses Winograd F(4x4, 3x3) instead (2.25x fewer multiplies).
@@ -12,8 +13,10 @@ Grouped convolutions with 1-8 channels per group put whole groups in each vector
 padded input; wider groups, the final linear layer, and CPUs without AVX2/AVX-512 use BLAS.
 Scratch buffers are reused across layers and calls (``_workspace.py``).
 
-Threads: each layer is split once across numres's threads (``_parallel.py``); BLAS, where it
-runs, is single-threaded inside them or alone on its own threads, never both at once.
+Threads: each layer's blocks are shared by numres's threads (``_parallel.py``), each taking
+its own share first and then what the other has not started (``_gemm.next_block``); BLAS,
+where it runs, is single-threaded inside them or alone on its own threads, never both at
+once. The first pass per input shape is recorded and later ones replay it (``_replay.py``).
 ``NUMRES_NUM_THREADS``, else ``OMP_NUM_THREADS``, else every CPU of the process;
 ``NUMRES_NUM_THREADS`` also sets BLAS's count (through threadpoolctl).
 """
