@@ -297,19 +297,14 @@ def _make_microkernel(vl, mr, nr):
 
             with builder.if_else(final) as (epilogue, plain):
                 with epilogue:
-                    with builder.if_else(has_res) as (with_res, without_res):
-                        with with_res:
-                            with builder.if_else(relu) as (yes, no):
-                                with yes:
-                                    finish(True, True)
-                                with no:
-                                    finish(True, False)
-                        with without_res:
-                            with builder.if_else(relu) as (yes, no):
-                                with yes:
-                                    finish(False, True)
-                                with no:
-                                    finish(False, False)
+                    with builder.if_else(has_res) as branches:
+                        for with_res, branch in zip((True, False), branches):
+                            with branch:
+                                with builder.if_else(relu) as (yes, no):
+                                    with yes:
+                                        finish(with_res, True)
+                                    with no:
+                                        finish(with_res, False)
                 with plain:
                     for total, where in zip(totals, places):
                         builder.store(total, where, align=4)
