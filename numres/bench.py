@@ -26,6 +26,7 @@ import types
 import numpy as np
 
 import numres
+from numres.backends._base import Backend
 from numres.models.flops import conv_macs
 
 
@@ -166,8 +167,12 @@ def layer_breakdown(arch, batch, size, ckpt, backend, top):
         return f"conv k{conv.kernel_size} s{conv.stride} g{conv.groups} in {shape} {layout}"
     if hasattr(be, "replay"):
         be.replay = False        # a replayed pass would skip the timed wrappers
-    originals = {n: getattr(be, n) for n in ("conv2d", "max_pool2d", "from_nchw")}
+    originals = {n: getattr(be, n) for n in ("conv2d", "conv2d_max_pool", "max_pool2d",
+                                             "from_nchw")}
     be.conv2d = timed(conv_label, originals["conv2d"])
+    if type(be).conv2d_max_pool is not Backend.conv2d_max_pool:     # fused by the backend
+        be.conv2d_max_pool = timed(lambda x, conv, *a, **k: conv_label(x, conv) + " + max_pool",
+                                   originals["conv2d_max_pool"])
     be.max_pool2d = timed(lambda *a, **k: "max_pool", originals["max_pool2d"])
     be.from_nchw = timed(lambda *a, **k: "to internal layout", originals["from_nchw"])
     try:

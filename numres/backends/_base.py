@@ -65,6 +65,11 @@ class Backend(abc.ABC):
     def max_pool2d(self, x, kernel_size, stride, padding):
         """Max pooling, floor output size, padding never chosen (as torch's -inf padding)."""
 
+    def conv2d_max_pool(self, x, conv, relu, kernel_size, stride, padding):
+        """``max_pool2d(conv2d(x, conv, relu=relu), ...)`` (ResNet's stem); backends may fuse
+        the two so the convolution's full output is never stored."""
+        return self.max_pool2d(self.conv2d(x, conv, relu=relu), kernel_size, stride, padding)
+
     @abc.abstractmethod
     def global_avg_pool(self, x):
         """Adaptive average pooling to 1x1, flattened: returns (N, C)."""

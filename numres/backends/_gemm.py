@@ -27,7 +27,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._numba_kernels import epilogue_block
+from ._numba_kernels import epilogue_block, pool_row
 from ._workspace import aligned_empty
 
 
@@ -595,15 +595,34 @@ def conv_direct(counters, part, parts, by_panels, rows, rb, xp, k, stride, out_h
     the microkernel reads A straight from the image with that row stride, in ``k`` runs (one
     per kernel row) without leaving its registers. Output rows [0, rows) (row = n * out_h +
     oy) in blocks of ``rb`` rows, claimed by thread ``part`` of ``parts`` with
-    :func:`next_block`; per block, panel by panel, so one panel's weights serve the
-    block's tiles from cache (the stem: 147 x 32 floats in L1 with ``rb`` = 1; a 3x3 layer:
-    a panel in L2 for a dozen tiles) while the next panel is prefetched
-    (:func:`_next_chunk`'s scheme). ``by_panels`` (few rows, large weights): threads claim
-    single panels instead, each for all rows (``rb`` = ``rows``), so the weights are read
-    once in all. ``xp`` from :func:`pad_input` (or the input itself where no tile reads
-    outside it); ``c`` (rb * tiles * MR, panels * NR) is this thread's scratch for ragged
-    tiles.
+    :func:`next_block` (:func:`_direct_block` for each). ``by_panels`` (few rows, large
+    weights): threads claim single panels instead, each for all rows (``rb`` = ``rows``), so
+    the weights are read once in all. ``xp`` from :func:`pad_input` (or the input itself
+    where no tile reads outside it); ``c`` (rb * tiles * MR, panels * NR) is this thread's
+    scratch for ragged tiles.
     """
+    panels = bp.shape[0]
+    blocks = panels if by_panels else (rows + rb - 1) // rb
+    while True:
+        blk = next_block(counters, part, parts, blocks)
+        if blk < 0:
+            return
+        if by_panels:
+            _direct_block(0, rows, blk, blk + 1, 0, xp, k, stride, out_h, out_w, bp, n_out,
+                          bias, residual, has_residual, relu, y2, c)
+        else:
+            _direct_block(blk * rb, min(blk * rb + rb, rows), 0, panels, 0, xp, k, stride,
+                          out_h, out_w, bp, n_out, bias, residual, has_residual, relu, y2, c)
+
+
+@njit(**_JIT)
+def _direct_block(b0, b1, p0, p1, row0, xp, k, stride, out_h, out_w, bp, n_out, bias, residual,
+                  has_residual, relu, y2, c):
+    """Output rows [b0, b1), panels [p0, p1) of :func:`conv_direct`, panel by panel, so one
+    panel's weights serve the block's tiles from cache (the stem: 147 x 32 floats in L1 for
+    a row; a 3x3 layer: a panel in L2 for a dozen tiles) while the next panel is prefetched
+    (:func:`_next_chunk`'s scheme). Output row ``r`` is stored at row ``r - row0`` of ``y2``
+    (and of ``residual``): a band of rows (:func:`conv_direct_pooled`) or the whole map."""
     _, hp, wp, ch = xp.shape
     panels = bp.shape[0]
     kc = k * ch
@@ -617,44 +636,68 @@ def conv_direct(counters, part, parts, by_panels, rows, rb, xp, k, stride, out_h
     whole_tiles = out_w // MR
     whole_panels = n_out // NR
     done = whole_tiles * MR
-    blocks = panels if by_panels else (rows + rb - 1) // rb
+    calls = (b1 - b0) * tiles
+    share = (kdim * NR + calls - 1) // calls
+    pf_step = (share + kdim - 1) // kdim
+    for jp in range(p0, p1):
+        nxt = (jp + 1) * kdim * NR if jp + 1 < panels else 0
+        for r in range(b0, b1):
+            n, oy = r // out_h, r % out_h
+            for t in range(tiles):
+                a_off = ((n * hp + oy * stride) * wp + t * MR * stride) * ch
+                pf = nxt + ((r - b0) * tiles + t) * share
+                if t < whole_tiles and jp < whole_panels:
+                    out = ((r - row0) * out_w + t * MR) * n_out + jp * NR
+                    _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
+                                 y_ptr, out, n_out, False, True, bias_ptr, jp * NR,
+                                 res_ptr, out, n_out, has_residual, relu, pf, pf_step)
+                else:
+                    tile = ((r - b0) * tiles + t) * MR
+                    _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
+                                 c_ptr, tile * ldc + jp * NR, ldc, False,
+                                 False, c_ptr, 0, c_ptr, 0, 0, False, False, pf, pf_step)
+    c0, c1 = p0 * NR, min(p1 * NR, n_out)
+    for r in range(b0, b1):
+        tile = (r - b0) * tiles * MR
+        m = (r - row0) * out_w
+        if done < out_w:
+            epilogue_block(y2, m + done, c, tile + done, out_w - done, c0, c1,
+                           bias, residual, has_residual, relu)
+        if whole_panels < p1:
+            epilogue_block(y2, m, c, tile, done, max(c0, whole_panels * NR), c1,
+                           bias, residual, has_residual, relu)
+
+
+@njit(**_JIT)
+def conv_direct_pooled(counters, part, parts, qb, xp, k, stride, out_h, out_w, bp, n_out, bias,
+                       relu, pool_k, pool_s, pool_p, band, c, out):
+    """:func:`conv_direct` (no residual) followed by max pooling (``pool_k``, ``pool_s``,
+    ``pool_p``) into ``out`` (N, pooled H, pooled W, n_out): ResNet's stem. Threads claim
+    blocks of ``qb`` pooled rows; each computes the convolution rows those need into its
+    ``band`` (>= (qb - 1) * pool_s + pool_k rows of (out_w, n_out)) and pools them, so the
+    full-size convolution output (ResNet-50, batch 32, 320 px: 210 MB) is never stored;
+    rows shared by two blocks are computed twice. ``c`` as for :func:`conv_direct`.
+    """
+    pool_h = out.shape[1]
+    total = out.shape[0] * pool_h
+    panels = bp.shape[0]
+    band2 = band.reshape(-1, n_out)                  # (rows * out_w, n_out)
+    blocks = (total + qb - 1) // qb
     while True:
         blk = next_block(counters, part, parts, blocks)
         if blk < 0:
             return
-        if by_panels:
-            b0, b1, p0, p1 = 0, rows, blk, blk + 1
-        else:
-            b0, b1, p0, p1 = blk * rb, min(blk * rb + rb, rows), 0, panels
-        calls = (b1 - b0) * tiles
-        share = (kdim * NR + calls - 1) // calls
-        pf_step = (share + kdim - 1) // kdim
-        for jp in range(p0, p1):
-            nxt = (jp + 1) * kdim * NR if jp + 1 < panels else 0
-            for r in range(b0, b1):
-                n, oy = r // out_h, r % out_h
-                for t in range(tiles):
-                    a_off = ((n * hp + oy * stride) * wp + t * MR * stride) * ch
-                    pf = nxt + ((r - b0) * tiles + t) * share
-                    if t < whole_tiles and jp < whole_panels:
-                        out = (r * out_w + t * MR) * n_out + jp * NR
-                        _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
-                                     y_ptr, out, n_out, False, True, bias_ptr, jp * NR,
-                                     res_ptr, out, n_out, has_residual, relu, pf, pf_step)
-                    else:
-                        tile = ((r - b0) * tiles + t) * MR
-                        _microkernel(kc, k, x_ptr, a_off, lda, wp * ch, b_ptr, jp * kdim * NR,
-                                     c_ptr, tile * ldc + jp * NR, ldc, False,
-                                     False, c_ptr, 0, c_ptr, 0, 0, False, False, pf, pf_step)
-        c0, c1 = p0 * NR, min(p1 * NR, n_out)
-        for r in range(b0, b1):
-            tile = (r - b0) * tiles * MR
-            if done < out_w:
-                epilogue_block(y2, r * out_w + done, c, tile + done, out_w - done, c0, c1,
-                               bias, residual, has_residual, relu)
-            if whole_panels < p1:
-                epilogue_block(y2, r * out_w, c, tile, done, max(c0, whole_panels * NR), c1,
-                               bias, residual, has_residual, relu)
+        q, q1 = blk * qb, min(blk * qb + qb, total)
+        while q < q1:                                 # pooled rows of one image at a time
+            n, py0 = q // pool_h, q % pool_h
+            py1 = min(pool_h, py0 + q1 - q)
+            s0 = max(0, py0 * pool_s - pool_p)
+            s1 = min(out_h, (py1 - 1) * pool_s - pool_p + pool_k)
+            _direct_block(n * out_h + s0, n * out_h + s1, 0, panels, n * out_h + s0, xp, k,
+                          stride, out_h, out_w, bp, n_out, bias, band2, False, relu, band2, c)
+            for py in range(py0, py1):
+                pool_row(band, s0, out_h, py, pool_k, pool_s, pool_p, out[n, py])
+            q += py1 - py0
 
 
 def pack_grouped(w, groups):

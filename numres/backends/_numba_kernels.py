@@ -128,31 +128,39 @@ def batch_norm(m0, m1, x, scale, shift, residual, has_residual, relu, out):
         epilogue_row(out[r], scaled, shift, res, has_residual, relu)
 
 
+@helper
+def pool_row(band, y0, h, oy, k, stride, pad, dst_row):
+    """One row of NHWC max pooling: dst_row[ox, :] = the max over output row ``oy``'s windows
+    of an image of height ``h`` whose rows [y0, y0 + len(band)) are in ``band`` (rows, W, C).
+    Padding never wins (torch pads with -inf); NaN wins and stays, as in torch."""
+    w, c = band.shape[1], band.shape[2]
+    for ox in range(dst_row.shape[0]):
+        dst = dst_row[ox]
+        dst[:] = -np.inf
+        for ky in range(k):
+            iy = oy * stride - pad + ky
+            if iy < 0 or iy >= h:
+                continue
+            for kx in range(k):
+                ix = ox * stride - pad + kx
+                if ix < 0 or ix >= w:
+                    continue
+                src = band[iy - y0, ix]
+                for ci in range(c):
+                    v = src[ci]
+                    if v > dst[ci] or v != v:
+                        dst[ci] = v
+
+
 @kernel
 def max_pool(r0, r1, x, k, stride, pad, out):
-    """NHWC max pooling of output rows [r0, r1); padding never wins (torch pads with -inf)."""
-    n_img, h, w, c = x.shape
-    _, out_h, out_w, _ = out.shape
+    """NHWC max pooling of output rows [r0, r1) (row = (image, output y))."""
+    h = x.shape[1]
+    out_h = out.shape[1]
     for row in range(r0, r1):
         n = row // out_h
         oy = row % out_h
-        for ox in range(out_w):
-            dst = out[n, oy, ox]
-            dst[:] = -np.inf
-            for ky in range(k):
-                iy = oy * stride - pad + ky
-                if iy < 0 or iy >= h:
-                    continue
-                for kx in range(k):
-                    ix = ox * stride - pad + kx
-                    if ix < 0 or ix >= w:
-                        continue
-                    src = x[n, iy, ix]
-                    for ci in range(c):
-                        v = src[ci]
-                        # NaN wins and stays, as in torch
-                        if v > dst[ci] or v != v:
-                            dst[ci] = v
+        pool_row(x[n], 0, h, oy, k, stride, pad, out[n, oy])
 
 
 @kernel

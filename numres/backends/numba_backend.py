@@ -477,6 +477,42 @@ class NumbaBackend(Backend):
                    out)
         return out
 
+    def conv2d_max_pool(self, x, conv, relu, kernel_size, stride, padding):
+        """The stem fused with its max pool (``_gemm.conv_direct_pooled``) where it runs as a
+        direct convolution; otherwise the two ops in turn."""
+        n, h, w, c = x.shape
+        if conv.packed is None or conv.kind != "im2col" or c >= DIRECT_MAX_CHANNELS:
+            return super().conv2d_max_pool(x, conv, relu, kernel_size, stride, padding)
+        k, s, p = conv.kernel_size, conv.stride, conv.padding
+        out_h, out_w = conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
+        pool_h = conv_output_size(out_h, kernel_size, stride, padding)
+        pool_w = conv_output_size(out_w, kernel_size, stride, padding)
+        out = self.workspace.get((n, pool_h, pool_w, conv.out_channels))
+        xp = self._padded(x, conv, _gemm.MR)
+        self._step(self._direct_pooled, xp, conv, out_h, out_w, relu, kernel_size, stride,
+                   padding, out)
+        return out
+
+    def _direct_pooled(self, xp, conv, out_h, out_w, relu, kernel_size, stride, padding, out):
+        threads = self.executor.threads
+        rows = out.shape[0] * out.shape[1]
+        # Pooled rows per block: 8 (17 convolution rows, 1 of them shared with the next
+        # block), fewer where each thread would otherwise get fewer than two blocks.
+        qb = max(1, min(STEM_POOL_ROWS, rows // (2 * threads)))
+        band_rows = min(out_h, (qb - 1) * stride + kernel_size)
+        tiles = -(-out_w // _gemm.MR)
+        panels = conv.packed.shape[0]
+        counters = _gemm.work_counters(threads)
+
+        def work(part, parts):
+            band = thread_scratch("stem_band", (band_rows, out_w, conv.out_channels))
+            c = thread_scratch("gemm_c", (band_rows * tiles * _gemm.MR, panels * _gemm.NR))
+            _gemm.conv_direct_pooled(counters, part, parts, qb, xp, conv.kernel_size,
+                                     conv.stride, out_h, out_w, conv.packed, conv.out_channels,
+                                     conv.bias, relu, kernel_size, stride, padding, band, c,
+                                     out)
+        self.executor.share(work)
+
     def global_avg_pool(self, x):
         n, h, w, c = x.shape
         out = self.workspace.get((n, c))
@@ -542,6 +578,8 @@ class NumbaBackend(Backend):
 # Convolutions with fewer input channels than this (the 7x7 stem: 3) skip im2col: with so
 # few channels per pixel, gathering costs more than the multiply (stem 1.5x faster direct).
 DIRECT_MAX_CHANNELS = 16
+# Pooled rows per block of the stem fused with its max pool (``_direct_pooled``).
+STEM_POOL_ROWS = 8
 # Row blocks of the direct convolution: tiles that share one panel of weights from cache.
 DIRECT_BLOCK_TILES = 12
 # Direct convolutions with fewer tiles than two blocks per thread and more weight bytes

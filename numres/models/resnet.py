@@ -103,6 +103,13 @@ class _ConvBN:
         y = self.backend.conv2d(x, self.conv)
         return self.backend.batch_norm(y, self.bn, relu=relu, residual=residual)
 
+    def pooled(self, x, relu, kernel_size, stride, padding):
+        """This unit, then max pooling: fused by the backend where batch norm is folded."""
+        if self.bn is None:
+            return self.backend.conv2d_max_pool(x, self.conv, relu, kernel_size, stride,
+                                                padding)
+        return self.backend.max_pool2d(self(x, relu=relu), kernel_size, stride, padding)
+
 
 class ResNet(Module):
     """A torchvision-compatible ResNet that runs on a numres backend.
@@ -282,9 +289,7 @@ class ResNet(Module):
 
     def _trunk(self, plan, x, collect):
         """Run the stem and the four stages. ``collect`` = (stage names, dict to fill)."""
-        backend = self._backend
-        x = plan["stem"](x, relu=True)
-        x = backend.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = plan["stem"].pooled(x, relu=True, kernel_size=3, stride=2, padding=1)
         wanted, found = collect or ((), None)
         last = max((STAGES.index(s) for s in wanted), default=len(STAGES) - 1)
         if "stem" in wanted:

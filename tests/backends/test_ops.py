@@ -264,3 +264,19 @@ def test_padded_input_holds_every_read_of_the_direct_kernels(tile_rows, h, w, k,
     start = ((out_h - 1) * stride + k - 1) * wp + last_tile * tile_rows * stride
     assert start + (tile_rows - 1) * stride + k <= hp * wp
     assert wp % stride == 0 and wp >= w + 2 * pad
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,h,w,o", [(1, 23, 19, 40), (2, 40, 36, 64), (1, 64, 64, 8),
+                                     (3, 9, 30, 64), (2, 2, 3, 8)])
+def test_stem_fused_with_max_pool_matches_the_two_ops(rng, threads, n, h, w, o):
+    """The Numba stem computes its max pool from bands of rows (``conv_direct_pooled``):
+    the same values as the convolution stored whole and pooled after."""
+    be = numba_backend.NumbaBackend(threads=threads, replay=False)
+    x = be.from_nchw(rng.standard_normal((n, 3, h, w)).astype(np.float32))
+    conv = be.prepare_conv(rng.standard_normal((o, 3, 7, 7)).astype(np.float32),
+                           rng.standard_normal(o).astype(np.float32), 2, 3, 1)
+    fused = be.to_numpy(be.conv2d_max_pool(x, conv, True, 3, 2, 1))
+    expected = be.to_numpy(be.max_pool2d(be.conv2d(x, conv, relu=True), 3, 2, 1))
+    np.testing.assert_array_equal(fused, expected)
+    assert fused.shape == expected.shape and (fused > 0).any()
