@@ -224,7 +224,7 @@ def conv3x3(x, weight, out_channels, epilogue, executor, y):
     total = n * th
     rows_per_block = max(1, BLOCK_TILES // tw)
     if weight.ndim == 4:
-        _claimed(x, weight, out_channels, epilogue, executor, y, total, rows_per_block)
+        _claimed(x, weight, out_channels, epilogue, executor, y, total, tw, rows_per_block)
         return y
 
     def work(r0, r1):
@@ -243,12 +243,12 @@ def conv3x3(x, weight, out_channels, epilogue, executor, y):
     return y
 
 
-def _claimed(x, weight, out_channels, epilogue, executor, y, total, rows_per_block):
+def _claimed(x, weight, out_channels, epilogue, executor, y, total, tw, rows_per_block):
     """numres's GEMM path: blocks claimed by the threads (:func:`claimed_blocks`). Where the
     transformed filters are small enough to re-read per block from cache, blocks are cut
     finer (at least ``MIN_BLOCK_TILES`` tiles), so a faster thread can take over part of a
     slower one's share; otherwise about one block per thread, each reading them once."""
-    c, tw = x.shape[3], tiles(x.shape[1], x.shape[2])[1]
+    c = x.shape[3]
     threads = executor.threads
     per_block = min(rows_per_block, -(-total // threads))
     if weight.nbytes <= SMALL_FILTERS:

@@ -478,13 +478,13 @@ class NumbaBackend(Backend):
         return out
 
     def conv2d_max_pool(self, x, conv, relu, kernel_size, stride, padding):
-        """The stem fused with its max pool (``_gemm.conv_direct_pooled``) where it runs as a
-        direct convolution; otherwise the two ops in turn."""
+        """The convolution fused with its max pool (``_gemm.conv_direct_pooled``) where it
+        runs as a direct convolution (the stem); otherwise the two ops in turn."""
         n, h, w, c = x.shape
-        if conv.packed is None or conv.kind != "im2col" or c >= DIRECT_MAX_CHANNELS:
-            return super().conv2d_max_pool(x, conv, relu, kernel_size, stride, padding)
         k, s, p = conv.kernel_size, conv.stride, conv.padding
         out_h, out_w = conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
+        if conv.packed is None or not _reads_directly(conv, c, out_w):
+            return super().conv2d_max_pool(x, conv, relu, kernel_size, stride, padding)
         pool_h = conv_output_size(out_h, kernel_size, stride, padding)
         pool_w = conv_output_size(out_w, kernel_size, stride, padding)
         out = self.workspace.get((n, pool_h, pool_w, conv.out_channels))
