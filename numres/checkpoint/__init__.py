@@ -14,13 +14,14 @@ import numpy as np
 
 from ..errors import CheckpointError
 from . import _formats
+from ._pickle_vm import Budget
 from ._torch_names import BFLOAT16, TensorRef
 from ._writer import save_pth
 
-__all__ = ["Checkpoint", "load_pth", "read_checkpoint", "release_pages", "save_pth"]
+__all__ = ["Budget", "Checkpoint", "load_pth", "read_checkpoint", "release_pages", "save_pth"]
 
 _READERS = {"zip": _formats.read_zip, "legacy": _formats.read_legacy, "tar": _formats.read_tar}
-FORMAT_NAMES = {"zip": "zip (torch >= 1.6)", "legacy": "legacy magic-number (torch 0.4-1.5)",
+FORMAT_NAMES = {"zip": "zip (torch >= 1.6)", "legacy": "legacy magic-number (torch 0.2-1.5)",
                 "tar": "TAR (torch 0.1, 2017-era files)"}
 
 
@@ -65,11 +66,19 @@ def load_pth(file):
     return read_checkpoint(file).state_dict
 
 
-def read_checkpoint(file):
-    """Like :func:`load_pth`, but returns a :class:`Checkpoint` with the format too."""
+def read_checkpoint(file, budget=None):
+    """Like :func:`load_pth`, but returns a :class:`Checkpoint` with the format too.
+
+    Args:
+        file: path or bytes, as for :func:`load_pth`.
+        budget: a :class:`Budget` bounding the work the file may cause (opcodes over all its
+            pickles, container headers); afterwards it reports what was done. Default: the
+            library's limits (``Budget()``).
+    """
+    budget = Budget() if budget is None else budget
     buf, source = _open(file)
     fmt = _formats.detect(buf)
-    obj, resolve = _READERS[fmt](buf, source)
+    obj, resolve = _READERS[fmt](buf, source, budget)
     tensors = _state_dict_refs(obj, source)
     state_dict, dtypes, arrays = {}, {}, {}
     for name, ref in tensors.items():

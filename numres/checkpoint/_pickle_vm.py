@@ -20,9 +20,35 @@ from ..errors import CheckpointError
 _MAX_LINE = 1024
 # Widest LONG1/LONG4 integer, in bytes. Torch's magic number needs 10.
 _MAX_LONG_BYTES = 64
-# Opcodes one pickle may execute. A state dict needs ~30 per tensor; this allows ~30k tensors
-# and caps what a hostile stream of tiny container opcodes can allocate (~64 bytes each).
+# Opcodes one file may execute, over all its pickles (the TAR format has one per storage and
+# tensor record). A state dict needs ~30 per tensor plus ~10 per record; this allows ~30k
+# tensors and caps what a hostile stream of tiny container opcodes can allocate (~64 bytes each).
 MAX_OPS = 1_000_000
+
+
+class Budget:
+    """The work one file may make the reader do, and what it has done so far.
+
+    One budget is shared by every pickle of a file, so a file cannot multiply the limit by
+    splitting its work into many pickles.
+
+    Attributes:
+        max_ops: opcodes that may run, over all pickles of the file.
+        ops: opcodes run so far.
+        bytes_read: bytes the interpreter has read from the file (it never reads a byte twice,
+            so this stays below the file's size).
+        headers: container headers parsed (TAR blocks), counted by the format readers.
+    """
+
+    def __init__(self, max_ops=MAX_OPS):
+        self.max_ops = max_ops
+        self.ops = 0
+        self.bytes_read = 0
+        self.headers = 0
+
+    def __repr__(self):
+        return (f"Budget(ops={self.ops}/{self.max_ops}, bytes_read={self.bytes_read}, "
+                f"headers={self.headers})")
 
 
 class Global:
@@ -67,6 +93,7 @@ class Unpickler:
         allowed: dict mapping ``(module, name)`` to a :class:`Global`.
         persistent_load: called with the persistent id; returns the object it stands for.
         source: text used in error messages, e.g. ``"model.pth: data.pkl"``.
+        budget: the file's :class:`Budget` (a fresh one when omitted).
 
     Example:
         >>> obj, end = Unpickler(b"\\x80\\x02K\\x05.", 0, 5, {}, None, "x").load()
@@ -74,7 +101,7 @@ class Unpickler:
         (5, 5)
     """
 
-    def __init__(self, buf, start, end, allowed, persistent_load, source):
+    def __init__(self, buf, start, end, allowed, persistent_load, source, budget=None):
         self.buf = memoryview(buf).cast("B")
         self.pos = start
         self.end = end
@@ -84,6 +111,7 @@ class Unpickler:
         self.stack = []
         self.metastack = []
         self.memo = {}
+        self.budget = budget if budget is not None else Budget()
 
     # -- reading -------------------------------------------------------------------------
     def _fail(self, msg):
@@ -94,6 +122,7 @@ class Unpickler:
             self._fail(f"needs {n} bytes but only {self.end - self.pos} remain")
         chunk = self.buf[self.pos:self.pos + n]
         self.pos += n
+        self.budget.bytes_read += n
         return chunk
 
     def _unpack(self, fmt):
@@ -104,6 +133,7 @@ class Unpickler:
         for i in range(self.pos, limit):
             if self.buf[i] == 0x0A:
                 line = bytes(self.buf[self.pos:i])
+                self.budget.bytes_read += i + 1 - self.pos
                 self.pos = i + 1
                 return line
         self._fail(f"text line longer than {_MAX_LINE} bytes or unterminated")
@@ -141,11 +171,16 @@ class Unpickler:
     def load(self):
         """Run until STOP. Returns ``(object, position after STOP)``."""
         dispatch = _DISPATCH
-        for _ in range(MAX_OPS):
+        budget = self.budget
+        while True:
+            if budget.ops >= budget.max_ops:
+                self._fail(f"more than {budget.max_ops} opcodes in this file")
+            budget.ops += 1
             if self.pos >= self.end:
                 self._fail("ended without STOP")
             op = self.buf[self.pos]
             self.pos += 1
+            budget.bytes_read += 1
             handler = dispatch.get(op)
             if handler is None:
                 name = _OPCODE_NAMES.get(op, f"0x{op:02x}")
@@ -155,7 +190,6 @@ class Unpickler:
                     self._fail("STOP with a malformed stack")
                 return self.stack[0], self.pos
             handler(self)
-        self._fail(f"more than {MAX_OPS} opcodes")
 
     # -- globals, calls ------------------------------------------------------------------
     def _resolve(self, module, name):

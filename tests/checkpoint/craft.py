@@ -6,7 +6,6 @@ pickle to: Python 2 strings, torch globals without torch, and hostile streams.
 
 import io
 import struct
-import tarfile
 import warnings
 import zipfile
 
@@ -122,75 +121,3 @@ def simple_zip(arrays, prefix="archive"):
                         0))
         records[str(i)] = a.tobytes()
     return make_zip(state_dict_pickle(entries), records, prefix)
-
-
-# -- the 2017 TAR format, from its description -----------------------------------------------
-def _pickle_sys_info(little=True):
-    p = P().proto().raw(b"}").mark()
-    p.str("protocol_version").int(1001).str("little_endian").raw(b"\x88" if little else b"\x89")
-    p.str("type_sizes").raw(b"}").mark().str("short").int(2).str("int").int(4)
-    p.str("long").int(8).raw(b"u")
-    return p.raw(b"u").stop().bytes
-
-
-def make_tar(tensors, py2=True, views=(), storage_location="cpu"):
-    """A torch 0.1 TAR checkpoint.
-
-    Args:
-        tensors: list of (name, storage key, storage ndarray (1-D), shape, stride, offset);
-            several tensors may share one storage key.
-        py2: write names as Python 2 strings and the OrderedDict as Python 2 did (a list of
-            [key, value] pairs passed to the constructor).
-        views: (target key, root key, offset, numel) storage views.
-    """
-    storages = {}
-    for _, key, data, *_ in tensors:
-        storages.setdefault(key, data)
-    st = io.BytesIO()
-    st.write(P().proto().int(len(storages) - len(views)).stop().bytes)
-    view_targets = {v[0] for v in views}
-    for key, data in storages.items():
-        if key in view_targets:
-            continue
-        p = P().proto().mark().int(key).str(storage_location)
-        p.glob("torch", TORCH_TYPES[data.dtype] + "Storage").tuple().stop()
-        st.write(p.bytes)
-        st.write(struct.pack("<q", data.size))
-        st.write(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes())
-    p = P().proto().raw(b"]").mark()
-    for target, root, offset, numel in views:
-        p.mark().int(target).int(root).int(offset).int(numel).tuple()
-    st.write(p.raw(b"e").stop().bytes)
-
-    tt = io.BytesIO()
-    tt.write(P().proto().int(len(tensors)).stop().bytes)
-    for i, (_, key, data, shape, stride, offset) in enumerate(tensors):
-        p = P().proto().mark().int(1000 + i).int(key)
-        p.glob("torch", TORCH_TYPES[data.dtype] + "Tensor").tuple().stop()
-        tt.write(p.bytes)
-        tt.write(struct.pack("<i", len(shape)) + b"\0\0\0\0")
-        tt.write(struct.pack(f"<{len(shape)}q", *shape))
-        tt.write(struct.pack(f"<{len(stride)}q", *stride))
-        tt.write(struct.pack("<q", offset))
-
-    p = P().proto()
-    if py2:
-        p.glob("collections", "OrderedDict").raw(b"(]").mark()
-        for i, (name, *_) in enumerate(tensors):
-            p.raw(b"]").mark().str8(name).str8(str(1000 + i)).raw(b"Q").raw(b"e")
-        p.raw(b"e").raw(b"tR")
-    else:
-        p.empty_ordered_dict().mark()
-        for i, (name, *_) in enumerate(tensors):
-            p.str(name).str(str(1000 + i)).raw(b"Q")
-        p.raw(b"u")
-    main = p.stop().bytes
-
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in (("sys_info", _pickle_sys_info()), ("pickle", main),
-                           ("storages", st.getvalue()), ("tensors", tt.getvalue())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()

@@ -9,7 +9,8 @@ import numres
 from numres import CheckpointError
 from numres.checkpoint import read_checkpoint, release_pages
 
-from . import craft
+from . import craft, old_torch
+from .old_torch import Tensor
 
 
 def torch_state(torch):
@@ -87,43 +88,12 @@ def test_training_checkpoint_nests_the_state_dict(tv, tmp_path):
     assert list(sd) == ["w"] and sd["w"].tolist() == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("py2", [True, False], ids=["python2-pickle", "python3-pickle"])
-def test_reads_tar_format_like_torch(tv, tmp_path, py2):
-    torch, _ = tv
-    rng = np.random.default_rng(0)
-    big = rng.standard_normal(48).astype(np.float32)
-    data = craft.make_tar([
-        ("conv1.weight", 1, big, (2, 3, 2, 2), (12, 4, 2, 1), 0),
-        ("fc.weight", 1, big, (4, 6), (1, 4), 24),          # shares storage 1, transposed
-        ("bn.running_var", 2, rng.random(5).astype(np.float64), (5,), (1,), 0),
-        ("bytes", 3, np.arange(4, dtype=np.uint8), (4,), (1,), 0),
-    ], py2=py2)
-    path = tmp_path / "resnet18-5c106cde.pth"
-    path.write_bytes(data)
-    expected = torch.load(path, weights_only=False)   # torch's own reader of the old format
-    ckpt = read_checkpoint(path)
-    assert ckpt.format == "tar"
-    assert_same(ckpt.state_dict, expected)
-
-
-def test_tar_storage_views(tv, tmp_path):
-    torch, _ = tv
-    root = np.arange(10, dtype=np.float32)
-    data = craft.make_tar([("a", 5, root, (3,), (1,), 0),
-                           ("b", 6, root, (2,), (1,), 1)],
-                          views=[(6, 5, 4, 3)], py2=False)
-    (tmp_path / "v.pth").write_bytes(data)
-    expected = torch.load(tmp_path / "v.pth", weights_only=False)
-    got = numres.load_pth(tmp_path / "v.pth")
-    assert_same(got, expected)
-    assert got["b"].tolist() == [5.0, 6.0]
-
-
 def test_torch_refuses_tar_with_weights_only_but_numres_reads_it(tv, tmp_path):
+    # More on the TAR and legacy formats, from ports of the old writers: test_old_writers.py.
     torch, _ = tv
-    data = craft.make_tar([("w", 1, np.ones(3, np.float32), (3,), (1,), 0)])
-    (tmp_path / "old.pth").write_bytes(data)
-    with pytest.raises(Exception):
+    old_torch.save_tar(old_torch.ordered_dict([("w", Tensor.of(np.ones(3, np.float32)))]),
+                       tmp_path / "old.pth")
+    with pytest.raises(Exception, match="legacy .tar format"):
         torch.load(tmp_path / "old.pth", weights_only=True)
     assert numres.load_pth(tmp_path / "old.pth")["w"].tolist() == [1.0, 1.0, 1.0]
 

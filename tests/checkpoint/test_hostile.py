@@ -1,5 +1,10 @@
-"""Hostile and damaged files: every one is a CheckpointError, quickly, with bounded memory, and
-nothing from the file ever runs."""
+"""Hostile and damaged files: every one is a CheckpointError after bounded work and memory, and
+nothing from the file ever runs.
+
+The guarantee is the work the reader does, which a slow machine cannot change: opcodes run
+(over all pickles of a file), bytes the pickle interpreter reads, container headers parsed,
+and peak memory. Wall-clock time is checked too, with a wide margin only.
+"""
 
 import io
 import pickle
@@ -14,20 +19,27 @@ import pytest
 
 import numres
 from numres import CheckpointError
+from numres.checkpoint import Budget, read_checkpoint
 
-from . import craft
+from . import craft, old_torch
 from .craft import P, make_zip, state_dict_pickle, zip_pid
+from .old_torch import Global, Storage, Tensor
 
 
 def refused(data, match=None):
-    """Load ``data``; assert it is refused fast and without a large allocation.
+    """Load ``data``; assert it is refused after bounded work and without a large allocation.
 
-    Timed and memory-traced in two separate loads: tracing slows Python ~5x (the 3-million
-    opcode flood: 0.7 s plain, 3.7-5.3 s traced), so a traced time says little."""
+    The work is counted by the reader's :class:`Budget`; memory is traced in a second load
+    (tracing slows Python ~5x: the 3-million opcode flood took 0.7 s plain, 3.7-5.3 s traced).
+    The time bound is 10x the slowest refusal seen here, for slow phases of a shared machine."""
+    budget = Budget()
     start = time.perf_counter()
     with pytest.raises(CheckpointError, match=match) as info:
-        numres.load_pth(data)
-    assert time.perf_counter() - start < 5.0
+        read_checkpoint(data, budget=budget)
+    assert time.perf_counter() - start < 30.0
+    assert budget.ops <= budget.max_ops
+    assert budget.bytes_read <= len(data)
+    assert budget.headers <= 8                # four members, each behind one PAX header
     tracemalloc.start()
     try:
         with pytest.raises(CheckpointError, match=match):
@@ -220,9 +232,205 @@ def test_truncated_and_corrupted_files(tv, tmp_path, zip_format):
     assert "refused" in outcomes
 
 
-def test_truncated_tar():
-    data = craft.make_tar([("w", 1, np.ones(100, np.float32), (100,), (1,), 0)])
+def test_truncated_tar(tmp_path):
+    data = old_tar(tmp_path, old_torch.ordered_dict([("w", Tensor.of(np.ones(100, np.float32)))]))
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         starts = {m.name: m.offset_data for m in tar.getmembers()}
     for cut in (600, starts["storages"] + 100, starts["tensors"] + 30):
         refused(data[:cut])
+
+
+# -- TAR (torch 0.1) and the legacy stream -----------------------------------------------------
+def old_tar(tmp_path, state=None, **kwargs):
+    """A valid torch 0.1 TAR file from the writer port, as bytes."""
+    if state is None:
+        state = old_torch.ordered_dict([("w", Tensor.of(np.arange(6, dtype=np.float32)))])
+    old_torch.save_tar(state, tmp_path / "old.pth", **kwargs)
+    return (tmp_path / "old.pth").read_bytes()
+
+
+def tar_of(members, pax_headers=None):
+    """A TAR archive of ``(TarInfo, bytes or None)`` in order, written by ``tarfile``."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers=pax_headers) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def member(name, data=b"", kind=tarfile.REGTYPE, **fields):
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(data) if kind == tarfile.REGTYPE else 0
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+def tar_members(data):
+    """{name: bytes} of a valid TAR checkpoint, to rebuild it with one member changed."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def rebuilt(data, **replace):
+    parts = {**tar_members(data), **replace}
+    return tar_of([member(name, body) for name, body in parts.items()])
+
+
+F32 = Global("torch", "FloatStorage")
+
+
+def storages_member(records, views=None, order="<"):
+    """``storages`` bytes: ``records`` = [(key, location, numel, data bytes)]."""
+    out = old_torch.dump(len(records))
+    for key, location, numel, body in records:
+        out += old_torch.dump((key, location, F32)) + struct.pack(order + "q", numel) + body
+    if views is not None:
+        out += old_torch.dump(views)
+    return out
+
+
+def tensors_member(records, order="<"):
+    """``tensors`` bytes: ``records`` = [(key, storage key, shape, stride, offset)]."""
+    out = old_torch.dump(len(records))
+    for key, storage, shape, stride, offset in records:
+        out += old_torch.dump((key, storage, Global("torch", "FloatTensor")))
+        out += struct.pack(order + "i", len(shape)) + b"\0" * 4
+        out += struct.pack(f"{order}{2 * len(shape) + 1}q", *shape, *stride, offset)
+    return out
+
+
+@pytest.mark.parametrize("kind,what", [
+    (tarfile.SYMTYPE, "symbolic link"), (tarfile.LNKTYPE, "hard link"),
+    (tarfile.CHRTYPE, "character device"), (tarfile.BLKTYPE, "block device"),
+    (tarfile.DIRTYPE, "directory"), (tarfile.FIFOTYPE, "FIFO"),
+])
+def test_tar_members_must_be_regular_files(tmp_path, kind, what):
+    parts = tar_members(old_tar(tmp_path))
+    members = [member(n, b) for n, b in parts.items() if n != "storages"]
+    members.append(member("storages", kind=kind, linkname="/etc/passwd"))
+    refused(tar_of(members), match=f"storages.* is an? {what}, not a regular file")
+
+
+def test_tar_structure_attacks(tmp_path):
+    data = old_tar(tmp_path)
+    parts = tar_members(data)
+    every = [member(n, b) for n, b in parts.items()]
+    refused(tar_of(every + [member("storages", parts["storages"])]), match="appears twice")
+    refused(tar_of(every + [member("../evil", b"x")]), match="unexpected TAR member")
+    refused(tar_of(every[:-1]), match="lacks member")
+    # A PAX header bomb: one extended header far beyond what any torch file carries.
+    bomb = [member("sys_info", parts["sys_info"], pax_headers={"comment": "A" * 5_000_000})]
+    refused(tar_of(bomb + every[1:]), match="PAX header of")
+    refused(tar_of(every, pax_headers={"comment": "x"}), match="global PAX header")
+    # A member whose size runs past the end of the file (header says 1 MB, file is small).
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        at = tar.getmembers()[-1].offset_data - 512      # its own header, after the PAX one
+    header = bytearray(data[at:at + 512])
+    header[124:136] = b"%011o\0" % (1 << 20)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    refused(data[:at] + bytes(header) + data[at + 512:], match="runs past the end")
+    damaged = bytearray(data)
+    damaged[100] ^= 0x01                              # the first header's mode: checksum
+    refused(bytes(damaged), match="checksum")
+
+
+def test_tar_tables_are_checked(tmp_path):
+    data = old_tar(tmp_path)
+    tensor = object()                             # pickled as the tensor table's key 77
+    sd = old_torch.ordered_dict([("w", tensor)])
+    pickle_member = old_torch.dump(sd, lambda x: "77" if x is tensor else None)
+    good_storage = storages_member([(5, "cpu", 4, b"\0" * 16)], views=[])
+    cases = [
+        # storage view past its root
+        (dict(storages=storages_member([(5, "cpu", 4, b"\0" * 16)], views=[(6, 5, 2, 3)]),
+              tensors=tensors_member([(77, 6, (3,), (1,), 0)]), pickle=pickle_member),
+         "exceeds root"),
+        # a view reusing a storage's key
+        (dict(storages=storages_member([(5, "cpu", 4, b"\0" * 16)], views=[(5, 5, 0, 2)])),
+         "reuses a storage key"),
+        # unknown storage key
+        (dict(storages=good_storage, tensors=tensors_member([(77, 9, (4,), (1,), 0)]),
+              pickle=pickle_member), "unknown storage 9"),
+        # pickle names a tensor that is not in the table
+        (dict(storages=good_storage, tensors=tensors_member([(78, 5, (4,), (1,), 0)]),
+              pickle=pickle_member), "not in the tensor table"),
+        # negative and absurd counts
+        (dict(storages=old_torch.dump(-1)), "storage count is -1"),
+        (dict(storages=storages_member([(5, "cpu", -4, b"")])), "has -4 elements"),
+        (dict(storages=storages_member([(5, "cpu", 1 << 61, b"\0" * 16)])),
+         "needs 9223372036854775808 bytes"),
+        (dict(storages=good_storage, tensors=old_torch.dump(1) + old_torch.dump(
+            (77, 5, Global("torch", "FloatTensor"))) + struct.pack("<i", 1 << 30) + bytes(4)),
+         "dimensions"),
+        (dict(storages=good_storage, tensors=tensors_member([(77, 5, (1 << 40,), (1,), 0)]),
+              pickle=pickle_member), "reaches element"),
+        (dict(storages=good_storage + b"junk"), "unexpected bytes after the storage views"),
+        (dict(storages=old_torch.dump(1) + old_torch.dump((5, "cpu", Global("os", "system")))),
+         "refusing global 'os.system'"),
+        (dict(storages=storages_member([(5, "tpu:0", 4, b"\0" * 16)], views=[])), "location"),
+        (dict(sys_info=old_torch.dump([1, 2])), "sys_info is a list"),
+    ]
+    for replace, match in cases:
+        refused(rebuilt(data, **replace), match=match)
+
+
+def test_tar_budget_is_shared_by_all_pickles(tmp_path):
+    """One pickle per record: a file cannot escape the opcode limit by splitting its work."""
+    arrays = {f"w{i}": np.zeros(1, np.float32) for i in range(300)}
+    data = old_tar(tmp_path, old_torch.ordered_dict(
+        (k, Tensor.of(v)) for k, v in arrays.items()))
+    used = Budget()
+    assert len(read_checkpoint(data, budget=used).state_dict) == 300
+    assert used.ops < 30 * 300                    # ~25 opcodes per tensor over four members
+    with pytest.raises(CheckpointError, match="more than 2000 opcodes in this file"):
+        read_checkpoint(data, budget=Budget(max_ops=2000))
+
+
+def test_legacy_stream_attacks(tmp_path):
+    state = old_torch.ordered_dict([("w", Tensor(Storage(np.arange(8, dtype=np.float32)),
+                                                 (8,)))])
+    old_torch.save_legacy(state, tmp_path / "l.pth")
+    good = (tmp_path / "l.pth").read_bytes()
+    count_at = good.rindex(struct.pack("<q", 8))
+    refused(good[:count_at] + struct.pack("<q", -8) + good[count_at + 8:],
+            match="holds -8 elements, the pickle says 8")
+    refused(good[:count_at] + struct.pack("<q", 1 << 62) + good[count_at + 8:],
+            match="holds 4611686018427387904 elements")
+    refused(good + b"\0", match="unexpected bytes after the storages")
+    refused(good[:-4], match="truncated")
+    # a storage view past its root, an unknown storage key, a wrong protocol number
+    view = old_torch.ordered_dict([("w", Tensor(Storage(np.zeros(8, np.float32)).view(6, 2),
+                                                (2,)))])
+    old_torch.save_legacy(view, tmp_path / "v.pth")
+    viewed = (tmp_path / "v.pth").read_bytes()
+    assert numres.load_pth(viewed)["w"].shape == (2,)
+    refused(viewed.replace(b"K\x06K\x02", b"K\x07K\x02", 1), match="exceeds its root")
+    key = good[good.index(b"U\x0e") + 2:good.index(b"U\x0e") + 16]
+    refused(good.replace(key, b"1" * len(key), 1), match="does not match the storages")
+    refused(good.replace(b"M\xe9\x03", b"M\xe8\x03", 1), match="legacy protocol 1000")
+
+
+def test_zip_overlapping_members():
+    """A central-directory entry pointing at a local header hidden inside another member's
+    data: both names check out, but the bytes of one member are part of another."""
+    pkl = state_dict_pickle([("w", zip_pid("0", 2), (2,), (1,), 0)])
+    name = b"archive/data/0"
+    nested = b"PK\x03\x04" + struct.pack("<HHHHHIIIHH", 20, 0, 0, 0, 0, 0, 8, 8, len(name), 0) \
+        + name + bytes(8)
+    data = bytearray(make_zip(pkl, {"0": bytes(8)}, extra=[("archive/data/1", nested)]))
+    assert numres.load_pth(bytes(data))["w"].shape == (2,)      # valid before the change
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
+        hidden = z.getinfo("archive/data/1")
+    nested_at = hidden.header_offset + 30 + len(hidden.filename) + len(hidden.extra)
+    assert data[nested_at:nested_at + 4] == b"PK\x03\x04"
+    at = 0
+    while True:                                   # data/0's central directory entry
+        at = data.index(b"PK\x01\x02", at + 1)
+        size = struct.unpack("<H", data[at + 28:at + 30])[0]
+        if data[at + 46:at + 46 + size] == name:
+            break
+    data[at + 42:at + 46] = struct.pack("<I", nested_at)
+    refused(bytes(data), match="overlap")
