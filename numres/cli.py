@@ -1,13 +1,14 @@
 """The ``numres`` command (also ``python -m numres``).
 
     numres predict IMG... [--arch resnet50] [--weights V1|V2|PATH|URL] [--topk 5] [--json]
-    numres features IMG_DIR --out feats.npy
+    numres features IMG_DIR --out feats.npy [--resume] [--on-error skip|fail]
     numres inspect FILE.pth
     numres fetch ARCH [--weights V2]
     numres warmup
     numres bench
 
-Failures print one line to stderr and exit with status 1 (usage errors: 2).
+Failures print one line to stderr and exit with status 1 (usage errors: 2). Image files that
+cannot be read are skipped with one warning line each (``--on-error fail`` stops instead).
 """
 
 import argparse
@@ -15,7 +16,6 @@ import json
 import os
 import sys
 
-import numpy as np
 
 from . import __version__, hub
 from .checkpoint import FORMAT_NAMES, read_checkpoint
@@ -33,6 +33,20 @@ def _model_args(p, default_weights="DEFAULT"):
     p.add_argument("--batch-size", type=int, default=16)
 
 
+def _pipeline_args(p):
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="a file that cannot be read: skip it with a warning (default) or stop")
+    p.add_argument("--decode-threads", type=int, default=None, metavar="N",
+                   help="threads decoding images ahead of the model (default: a quarter of "
+                        "the cores, at least 1)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="compute threads of the CPU backend (default: the cores the decode "
+                        "threads leave)")
+    p.add_argument("--draft", action="store_true",
+                   help="decode large JPEGs at a reduced size first (faster; no longer "
+                        "identical to torchvision's preprocessing)")
+
+
 def _build(args):
     """The model for --arch/--weights; a checkpoint file sets num_classes (and the arch if
     --arch is not given)."""
@@ -46,45 +60,90 @@ def _build(args):
                 raise ValueError(f"{args.weights} fits no numres architecture; see "
                                  f"'numres inspect {args.weights}'")
             arch = fits[0]
-    return build(arch or "resnet50", weights=weights, backend=args.backend,
+    return build(arch or "resnet50", weights=weights, backend=_backend(args),
                  num_classes=num_classes)
 
 
+def _backend(args):
+    """The backend for --backend; a CPU backend gets the cores the decode threads leave."""
+    from .backends import get_backend
+    from .pipeline import split_threads
+
+    backend = get_backend(args.backend)
+    if backend.name == "numba" and hasattr(args, "decode_threads"):
+        _, compute = split_threads(decode_threads=args.decode_threads)
+        backend = get_backend("numba", threads=args.threads or compute)
+    return backend
+
+
+def _run_files(args, model, files, output):
+    """Results in file order; one warning line per skipped file and a closing summary."""
+    from .pipeline import iter_results
+
+    for item in iter_results(model, files, output=output, batch_size=args.batch_size,
+                             decode_threads=args.decode_threads, on_error=args.on_error,
+                             draft=args.draft):
+        if not item.ok:
+            print(f"numres: skipped {item.path}: {item.reason}", file=sys.stderr)
+        yield item
+
+
+def _summary(images, skipped):
+    print(f"numres: {images} images, {skipped} skipped", file=sys.stderr)
+    if images == 0:
+        raise ValueError(f"none of the {skipped} files could be read (reasons above)")
+
+
 def cmd_predict(args):
-    from .predict import decode, find_images, run_files
+    from .predict import decode, find_images
     files = find_images(args.images)
     if not files:
         raise FileNotFoundError("no images found in " + " ".join(args.images))
     model = _build(args)
-    logits = run_files(model, files, batch_size=args.batch_size)
     categories = model.weights.categories if model.weights else None
-    results = decode(logits, args.topk, categories)
+    entries, skipped = [], 0
+    for item in _run_files(args, model, files, "logits"):
+        if not item.ok:
+            skipped += 1
+            entries.append({"file": item.path, "error": item.reason})
+            continue
+        [top] = decode(item.value[None], args.topk, categories)
+        entries.append({"file": item.path, "top": [
+            {"label": lab, "probability": round(p, 6), "index": i} for lab, p, i in top]})
+        if not args.json:
+            print(item.path)
+            for label, p, i in top:
+                print(f"  {p:7.2%}  {label} ({i})")
+            sys.stdout.flush()
     if args.json:
-        json.dump([{"file": f, "top": [{"label": lab, "probability": round(p, 6), "index": i}
-                                       for lab, p, i in top]}
-                   for f, top in zip(files, results)], sys.stdout, indent=1)
+        json.dump(entries, sys.stdout, indent=1)
         sys.stdout.write("\n")
-        return
-    for f, top in zip(files, results):
-        print(f)
-        for label, p, i in top:
-            print(f"  {p:7.2%}  {label} ({i})")
+    _summary(len(files) - skipped, skipped)
 
 
 def cmd_features(args):
-    from .predict import find_images, run_files
+    from .pipeline import output_names, write_arrays
+    from .predict import find_images
     files = find_images(args.images)
     if not files:
         raise FileNotFoundError("no images found in " + " ".join(args.images))
     model = _build(args)
-    feats = run_files(model, files, batch_size=args.batch_size, method="features")
-    out = args.out
-    np.save(out, feats)
-    names = os.path.splitext(out)[0] + ".files.txt"
-    with open(names, "w", encoding="utf-8") as f:
-        f.write("\n".join(files) + "\n")
-    print(f"wrote {feats.shape[0]} x {feats.shape[1]} features to {out} "
-          f"(file names, same order: {names})")
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+
+    def warn_skipped(results):
+        for item in results:
+            if not item.ok:
+                print(f"numres: skipped {item.path}: {item.reason}", file=sys.stderr)
+            yield item
+
+    rows, skipped = write_arrays(model, files, out, output="features", resume=args.resume,
+                                 batch_size=args.batch_size,
+                                 decode_threads=args.decode_threads, on_error=args.on_error,
+                                 draft=args.draft, observe=warn_skipped)
+    names = output_names(out)
+    print(f"wrote {rows} x {model.num_features} features to {out} (file names, same order: "
+          f"{names['files']}; skipped files: {names['errors']})")
+    _summary(rows, skipped)
 
 
 def fit_architecture(state_dict):
@@ -171,12 +230,17 @@ def make_parser():
     _model_args(pr)
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("--json", action="store_true", help="machine-readable output")
+    _pipeline_args(pr)
     pr.set_defaults(func=cmd_predict)
 
     fe = sub.add_parser("features", help="pooled embeddings for a folder of images")
     fe.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    fe.add_argument("--out", required=True, help="output .npy (names go to <out>.files.txt)")
+    fe.add_argument("--out", required=True, help="output .npy (good files' names go to "
+                    "<out>.files.txt, skipped ones to <out>.errors.txt)")
+    fe.add_argument("--resume", action="store_true",
+                    help="continue a killed run of the same command where it stopped")
     _model_args(fe)
+    _pipeline_args(fe)
     fe.set_defaults(func=cmd_features)
 
     ins = sub.add_parser("inspect", help="describe a .pth file (no torch needed)")

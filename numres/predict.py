@@ -1,14 +1,14 @@
-"""From logits to answers, and from files to batches: what the CLI and users share."""
+"""From logits to answers, and from arguments to files: what the CLI and users share.
+
+Running files through a model is :mod:`numres.pipeline`'s job."""
 
 import glob
 import os
-import sys
-import time
 
 import numpy as np
 
 from .hub.registry import imagenet_categories
-from .transforms import IMAGE_EXTENSIONS, ImageClassification, load_image
+from .transforms import IMAGE_EXTENSIONS
 
 
 def softmax(logits):
@@ -70,46 +70,3 @@ def find_images(patterns):
         else:
             raise FileNotFoundError(f"no such file or directory: {pattern}")
     return found
-
-
-class Progress:
-    """``[####    ] 120/400 images`` on stderr, only when stderr is a terminal."""
-
-    def __init__(self, total, what="images", enabled=True):
-        self.total, self.what = total, what
-        self.enabled = enabled and total > 1 and sys.stderr.isatty()
-        self.last = 0.0
-
-    def update(self, done):
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 0.1 or done == self.total):
-            self.last = now
-            bar = "#" * int(30 * done / self.total)
-            sys.stderr.write(f"\r[{bar:<30}] {done}/{self.total} {self.what}")
-            if done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def run_files(model, files, transform=None, batch_size=16, method="__call__", progress=True):
-    """Decode, preprocess and run ``files`` through ``model`` in batches.
-
-    Args:
-        model: a numres model. transform: preprocessing (default: the model's weights', else
-            the V1 ImageNet preset). method: ``"__call__"`` (logits) or ``"features"``.
-
-    Returns:
-        (N, D) float32 array, rows in the order of ``files``.
-    """
-    if transform is None:
-        transform = model.weights.transforms() if model.weights else ImageClassification()
-    bar = Progress(len(files), enabled=progress)
-    outputs = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        batch = np.stack([transform(load_image(f)) for f in chunk])
-        outputs.append(getattr(model, method)(batch))
-        bar.update(start + len(chunk))
-    if not outputs:
-        return np.zeros((0, 0), np.float32)
-    return np.concatenate(outputs)

@@ -96,8 +96,13 @@ def test_errors_are_one_line(workspace, tmp_path):
     one_line_error(run("predict", str(tmp_path / "nope.jpg"), check_rc=1), "nope.jpg")
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
     one_line_error(run("predict", str(tmp_path / "bad.jpg"), "--weights",
-                       str(workspace / "r18.pth"), "--arch", "resnet18", check_rc=1),
-                   "cannot read image", "bad.jpg")
+                       str(workspace / "r18.pth"), "--arch", "resnet18", "--on-error", "fail",
+                       check_rc=1), "cannot identify image file", "bad.jpg")
+    # Skipping (the default) with nothing left to compute is an error too.
+    done = run("predict", str(tmp_path / "bad.jpg"), "--weights", str(workspace / "r18.pth"),
+               "--arch", "resnet18", check_rc=1)
+    assert done.stderr.strip().splitlines()[-1] == \
+        "numres: error: none of the 1 files could be read (reasons above)"
     one_line_error(run("inspect", str(tmp_path / "bad.jpg"), check_rc=1), "not a PyTorch")
     done = run("predict", "x.jpg", "--arch", "resnet99", check_rc=2)
     assert "invalid choice: 'resnet99'" in done.stderr

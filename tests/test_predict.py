@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import numres
-from numres.predict import Progress, find_images
+from numres.predict import find_images
 
 
 def test_decode_imagenet_and_custom():
@@ -37,12 +37,3 @@ def test_find_images(tmp_path):
     assert [p.split("/")[-1] for p in found] == ["a.png", "b.JPG", "c.webp", "x.png"]
     with pytest.raises(FileNotFoundError, match="no such file or directory: .*nope"):
         find_images([tmp_path / "nope"])
-
-
-def test_progress_bar_on_terminals_only(capsys, monkeypatch):
-    Progress(3).update(3)
-    assert capsys.readouterr().err == ""
-    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
-    bar = Progress(4)
-    bar.update(4)
-    assert "4/4 images" in capsys.readouterr().err

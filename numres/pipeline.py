@@ -1,0 +1,446 @@
+"""Files in, answers out: a streaming image pipeline that never loses work to one bad file.
+
+Decoding and preprocessing run on a small pool of threads (Pillow's decoders and NumPy's
+array work release the GIL), a bounded number of images ahead of the model, so reading files
+overlaps with the network and memory stays flat whatever the number of files. Results come
+out in input order. A file that cannot be read becomes a :class:`Failure` in its place
+(``on_error="skip"``, the default) or stops the run (``on_error="fail"``).
+
+:func:`write_arrays` stores the rows as they come, in a memory-mapped ``.npy`` beside two
+lists (good files, skipped files with reasons), so a killed run can be resumed where it
+stopped and ends with the same files an uninterrupted run writes.
+
+Example:
+    >>> model = numres.resnet50(weights="DEFAULT")
+    >>> for r in numres.pipeline.iter_results(model, ["a.jpg", "broken.jpg"], output="features"):
+    ...     print(r.path, r.value.shape if r.ok else r.reason)
+    a.jpg (2048,)
+    broken.jpg cannot identify image file 'broken.jpg'
+"""
+
+import collections
+import concurrent.futures
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .transforms import ImageClassification
+
+OUTPUTS = ("logits", "features")
+
+
+class ImageError(ValueError):
+    """A file that is not an image numres can read; the message names the file and why."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+@dataclass(frozen=True)
+class Result:
+    """One image's output row (``value``: logits or features, float32)."""
+
+    index: int
+    path: str
+    value: np.ndarray
+    ok = True
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A file that could not be read, in its place in the input order."""
+
+    index: int
+    path: str
+    reason: str
+    ok = False
+
+
+def default_decode_threads(cores=None):
+    """Decode threads for a machine of ``cores``: a quarter of them, at least one.
+
+    The model's own threads take the rest (see :func:`split_threads`)."""
+    cores = cores or _cores()
+    return max(1, cores // 4)
+
+
+def split_threads(cores=None, decode_threads=None):
+    """``(decode threads, compute threads)`` adding up to the machine's cores (at least 1 each)."""
+    cores = cores or _cores()
+    decode = decode_threads or default_decode_threads(cores)
+    return decode, max(1, cores - decode)
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def read_image(path, draft_size=None):
+    """Decode ``path`` to an (H, W, 3) uint8 RGB array, as torchvision's ``pil_loader`` does.
+
+    Every mode Pillow reads is converted with ``Image.convert("RGB")`` (greyscale repeated,
+    palette expanded, alpha dropped, CMYK converted, 16-bit greyscale clipped at 255), and the
+    EXIF orientation is not applied: torchvision's ``ImageFolder``/``pil_loader`` do neither.
+
+    Args:
+        path: the image file.
+        draft_size: for JPEGs, let the decoder scale down by 1/2, 1/4 or 1/8 while keeping
+            both sides at least this long (``Image.draft``): much faster for photos far larger
+            than the model's input, and no longer identical to the exact path.
+
+    Raises:
+        ImageError: unreadable, truncated, empty, not an image, or too large for Pillow's
+            decompression-bomb limit; the message says which.
+        ImportError: Pillow is missing.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("decoding image files needs Pillow: pip install numres[image]") \
+            from None
+    path = os.fspath(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError(path, "file is empty (0 bytes)")
+        with Image.open(path) as img:
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            return np.asarray(img.convert("RGB"))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(path, f"image too large ({exc})") from None
+    except FileNotFoundError:
+        raise ImageError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, MemoryError) as exc:
+        # Pillow's plugins raise all of these for damaged files (SyntaxError from parsers).
+        raise ImageError(path, str(exc) or type(exc).__name__) from None
+
+
+def iter_results(model, paths, *, output="logits", batch_size=16, transform=None,
+                 decode_threads=None, on_error="skip", draft=False):
+    """Run image files through ``model``, yielding one :class:`Result` or :class:`Failure`
+    per file, in input order, as batches complete.
+
+    Args:
+        model: a numres model (its backend's threads do the compute; build it with
+            ``threads=`` from :func:`split_threads` so decoding and compute share the cores).
+        paths: image file paths (any iterable; read lazily).
+        output: ``"logits"`` or ``"features"`` (pooled, before ``fc``).
+        batch_size: images per forward pass.
+        transform: preprocessing of an (H, W, 3) uint8 array; default the model's weights'
+            (torchvision's evaluation preset), else ImageNet's V1 preset.
+        decode_threads: threads decoding ahead of the model (default
+            :func:`default_decode_threads`).
+        on_error: ``"skip"`` (a Failure in the file's place) or ``"fail"`` (raise
+            :class:`ImageError` at the first bad file).
+        draft: decode large JPEGs at a reduced size first (see :func:`read_image`).
+
+    Yields:
+        :class:`Result` (``.value``: (num_classes,) or (num_features,) float32) or
+        :class:`Failure`, each with ``index`` and ``path``.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if transform is None:
+        weights = getattr(model, "weights", None)
+        transform = weights.transforms() if weights is not None else ImageClassification()
+    draft_size = getattr(transform, "resize_size", None) if draft else None
+    threads = decode_threads or default_decode_threads()
+    run = model.features if output == "features" else model
+    # Enough decoded images ahead to fill the next batch while this one computes, and no more:
+    # memory stays at about two batches of images.
+    ahead = 2 * batch_size + threads
+    pending = collections.deque()      # futures, in input order
+    batch = []                         # (index, path, array or Failure) awaiting the model
+    files = iter(enumerate(paths))
+    with concurrent.futures.ThreadPoolExecutor(threads, "numres-decode") as pool:
+        try:
+            while True:
+                while len(pending) < ahead:
+                    item = next(files, None)
+                    if item is None:
+                        break
+                    index, path = item
+                    pending.append((index, os.fspath(path), pool.submit(
+                        _prepare, os.fspath(path), transform, draft_size)))
+                if not pending:
+                    break
+                index, path, future = pending.popleft()
+                try:
+                    batch.append((index, path, future.result()))
+                except ImageError as exc:
+                    if on_error == "fail":
+                        raise
+                    batch.append((index, path, Failure(index, path, exc.reason)))
+                if sum(1 for _, _, x in batch if not isinstance(x, Failure)) == batch_size:
+                    yield from _flush(run, batch)
+                    batch = []
+            yield from _flush(run, batch)
+        finally:
+            for _, _, future in pending:
+                future.cancel()
+
+
+def _prepare(path, transform, draft_size):
+    image = read_image(path, draft_size)
+    try:
+        return transform(image)
+    except (ValueError, TypeError) as exc:
+        raise ImageError(path, f"cannot preprocess: {exc}") from None
+
+
+def _flush(run, batch):
+    good = [x for _, _, x in batch if not isinstance(x, Failure)]
+    rows = iter(run(np.stack(good)) if good else ())
+    for index, path, item in batch:
+        yield item if isinstance(item, Failure) else Result(index, path, next(rows))
+
+
+def write_arrays(model, paths, out, *, output="features", resume=False, progress=True,
+                 observe=None, **options):
+    """Run image files through ``model`` and write the rows to ``out`` (a ``.npy``) as they
+    come, with ``<out>.files.txt`` (the good files, one per line, in row order) and
+    ``<out>.errors.txt`` (skipped files: ``path<TAB>reason``).
+
+    While running, everything goes to ``<out>.partial*`` files; they are renamed into place
+    when the run ends. A killed run leaves them behind, and ``resume=True`` continues from
+    them (the input must list the same files in the same order), computing only what is not
+    done yet: the final files equal an uninterrupted run's.
+
+    Args:
+        model: a numres model.
+        paths: image file paths, in the order the rows should have.
+        out: the ``.npy`` path.
+        output: ``"features"`` (default) or ``"logits"``.
+        resume: continue a killed run of the same command instead of starting over.
+        progress: a progress bar with img/s and ETA on stderr, when it is a terminal.
+        observe: a function from the stream of results to the same stream (to report
+            skipped files as they come, say).
+        **options: for :func:`iter_results` (batch_size, decode_threads, on_error, draft,
+            transform).
+
+    Returns:
+        ``(rows written, files skipped)``.
+
+    Raises:
+        ImageError: ``on_error="fail"`` and a file could not be read (nothing is renamed into
+            place; ``resume=True`` continues after the file is fixed).
+        ValueError: ``resume=True`` but the input differs from the killed run's.
+    """
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("no image files given")
+    out = os.fspath(out)
+    names = output_names(out)
+    width = model.num_features if output == "features" else model.fc.params["weight"].shape[0]
+    state = _Partial(names, len(paths), width, resume)
+    done = state.done
+    if not state.is_prefix_of(paths):
+        state.close()
+        raise ValueError(f"cannot resume {out}: the input's first {done} files differ from "
+                         f"those the killed run processed ({names['partial_files']}); run "
+                         "without --resume to start over")
+    bar = _Bar(len(paths), done, enabled=progress)
+    try:
+        results = iter_results(model, paths[done:], output=output, **options)
+        if observe is not None:
+            results = observe(results)
+        for chunk in _chunks(results, options.get("batch_size", 16)):
+            state.append(chunk)
+            bar.update(state.done)
+    finally:
+        bar.close()
+        state.close()
+    return state.finish()
+
+
+def output_names(out):
+    """The files :func:`write_arrays` writes for ``out``, and its partial files."""
+    stem = out[:-4] if out.endswith(".npy") else out
+    return {"out": out, "files": stem + ".files.txt", "errors": stem + ".errors.txt",
+            "partial": out + ".partial", "partial_files": stem + ".files.txt.partial",
+            "partial_errors": stem + ".errors.txt.partial"}
+
+
+def _chunks(results, size):
+    chunk = []
+    for item in results:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Partial:
+    """The files of a run in progress: rows in a memory-mapped ``.npy`` sized for every input
+    (trimmed at the end), and the two lists, appended after their rows are flushed so that
+    what the lists say is done is on disk."""
+
+    def __init__(self, names, total, width, resume):
+        self.names, self.total, self.width = names, total, width
+        have = os.path.exists(names["partial"])
+        if resume and have:
+            self.rows = np.load(names["partial"], mmap_mode="r+")
+            if self.rows.shape != (total, width) or self.rows.dtype != np.float32:
+                raise ValueError(f"cannot resume: {names['partial']} holds "
+                                 f"{self.rows.shape} {self.rows.dtype}, this run needs "
+                                 f"({total}, {width}) float32")
+            good = _complete_lines(names["partial_files"])
+            bad = _complete_lines(names["partial_errors"])
+        else:
+            self.rows = np.lib.format.open_memmap(names["partial"], mode="w+",
+                                                  dtype=np.float32, shape=(total, width))
+            good, bad = [], []
+        self.good, self.bad = good, [tuple(line.split("\t", 1)) for line in bad]
+        self.files = open(names["partial_files"], "w", encoding="utf-8")
+        self.files.writelines(f"{p}\n" for p in self.good)
+        self.errors = open(names["partial_errors"], "w", encoding="utf-8")
+        self.errors.writelines(f"{p}\t{r}\n" for p, r in self.bad)
+        self._sync_lists()
+
+    def is_prefix_of(self, paths):
+        """Whether the killed run processed the first files of ``paths``, in order: the good
+        ones are the lists' good files and the rest its skipped ones, each in order."""
+        prefix = paths[:self.done]
+        skipped = {p for p, _ in self.bad}
+        return [p for p in prefix if p not in skipped] == self.good and \
+            [p for p in prefix if p in skipped] == [p for p, _ in self.bad]
+
+    @property
+    def done(self):
+        return len(self.good) + len(self.bad)
+
+    def append(self, chunk):
+        new_good, new_bad = [], []
+        for item in chunk:
+            if item.ok:
+                self.rows[len(self.good) + len(new_good)] = item.value
+                new_good.append(item.path)
+            else:
+                new_bad.append((item.path, item.reason))
+        self.rows.flush()                  # rows on disk before the lists say they are done
+        self.good += new_good
+        self.bad += new_bad
+        self.files.writelines(f"{p}\n" for p in new_good)
+        self.errors.writelines(f"{p}\t{r}\n" for p, r in new_bad)
+        self._sync_lists()
+
+    def _sync_lists(self):
+        for f in (self.files, self.errors):
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self):
+        for f in (self.files, self.errors):
+            if not f.closed:
+                f.close()
+
+    def finish(self):
+        """Trim the rows to the good files and rename everything into place."""
+        if self.done != self.total:
+            return len(self.good), len(self.bad)      # stopped early: stays partial
+        rows = len(self.good)
+        del self.rows                                  # unmap before rewriting the header
+        _trim_npy(self.names["partial"], rows, self.width)
+        os.replace(self.names["partial_files"], self.names["files"])
+        os.replace(self.names["partial_errors"], self.names["errors"])
+        os.replace(self.names["partial"], self.names["out"])
+        return rows, len(self.bad)
+
+
+def _complete_lines(path):
+    """Lines of a list written by a run that may have been killed mid-line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    return lines[:-1]                   # the last piece is "" or an unfinished line
+
+
+def _trim_npy(path, rows, width):
+    """Rewrite the ``.npy`` header for ``rows`` rows (same header length) and truncate."""
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        header_len = _header_length(f, version)
+        text = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, width)})
+        body = header_len - (8 + (2 if version == (1, 0) else 4))
+        line = text.ljust(body - 1).encode("latin-1") + b"\n"
+        if len(line) != body:
+            raise RuntimeError(f"{path}: header does not fit the space of the old one")
+        f.seek(8 + (2 if version == (1, 0) else 4))
+        f.write(line)
+        f.truncate(header_len + rows * width * 4)
+
+
+def _header_length(f, version):
+    f.seek(8)
+    size = 2 if version == (1, 0) else 4
+    n = int.from_bytes(f.read(size), "little")
+    return 8 + size + n
+
+
+class _Bar:
+    """Progress with img/s and ETA on stderr when it is a terminal (tqdm's when installed)."""
+
+    def __init__(self, total, done, enabled=True):
+        self.total, self.start_done = total, done
+        self.enabled = enabled and total > 0 and sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+        self.tqdm = None
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+                self.tqdm = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, done):
+        if not self.enabled:
+            return
+        if self.tqdm is not None:
+            self.tqdm.update(done - self.tqdm.n)
+            return
+        now = time.monotonic()
+        if now - self.last < 0.2 and done < self.total:
+            return
+        self.last = now
+        rate = (done - self.start_done) / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        bar = "#" * int(30 * done / self.total)
+        sys.stderr.write(f"\r[{bar:<30}] {done}/{self.total} images {rate:6.1f} img/s "
+                         f"ETA {_clock(eta)}")
+        sys.stderr.flush()
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self.tqdm is not None:
+            self.tqdm.close()
+        else:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _clock(seconds):
+    if seconds == float("inf"):
+        return "--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" \
+        if seconds >= 3600 else f"{seconds // 60:02d}:{seconds % 60:02d}"
