@@ -9,10 +9,18 @@ triangle-filter average whose support widens with the downscale factor (PIL's an
 torch's tensor path does. Measured on the two photos scikit-learn ships (427x640): 99.95% of
 resized pixels equal torchvision's, the rest differ by one grey level.
 
+``interpolation="bicubic"`` (what timm's weights on the Hugging Face Hub mostly use) is Pillow's
+antialiased bicubic: the cubic convolution kernel with a = -0.5, its support (2 pixels) widened
+by the downscale factor. timm resizes PIL images, so uint8 images follow Pillow's arithmetic
+too: 22-bit fixed-point weights and rounding to 8 bits after each pass, which gives Pillow's
+pixels exactly. :meth:`ImageClassification.from_timm_config` turns a timm ``pretrained_cfg``
+into the matching preset.
+
 Arrays need only NumPy; decoding image files needs Pillow (``pip install numres[image]``).
 """
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -45,22 +53,43 @@ def load_image(path):
         raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _triangle(x):
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+def _cubic(x, a=-0.5):
+    # Pillow's bicubic_filter (Keys' cubic convolution), term for term.
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+# interpolation -> (filter support at scale 1, filter)
+_FILTERS = {"bilinear": (1.0, _triangle), "bicubic": (2.0, _cubic)}
+
+
 @functools.lru_cache(maxsize=64)
-def _resize_taps(in_size, out_size):
-    """Antialiased bilinear resampling along one axis, as (index, weight) taps.
+def _resize_taps(in_size, out_size, interpolation="bilinear"):
+    """Antialiased resampling along one axis, as (index, weight) taps.
 
     Returns ``(idx, w)``, both (out, taps): output ``i`` is ``sum_t w[i, t] * in[idx[i, t]]``.
     Rows with fewer taps are padded with weight 0.
     """
+    base_support, kernel = _FILTERS[interpolation]
     scale = in_size / out_size
-    support = max(scale, 1.0)             # the triangle widens when shrinking
+    filterscale = max(scale, 1.0)         # the filter widens when shrinking
+    support = base_support * filterscale
     rows = []
     for i in range(out_size):
         center = (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
         taps = np.arange(lo, hi)
-        w = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) / support))
+        w = kernel((taps - center + 0.5) / filterscale)
         rows.append((taps, w / w.sum()))
     width = max(len(t) for t, _ in rows)
     idx = np.zeros((out_size, width), np.intp)
@@ -70,9 +99,9 @@ def _resize_taps(in_size, out_size):
     return idx, weights
 
 
-def _resample(x, axis, out_size):
+def _resample(x, axis, out_size, interpolation="bilinear"):
     """Resample float64 ``x`` along ``axis`` (0 or 1 of an HWC array) to ``out_size``."""
-    idx, w = _resize_taps(x.shape[axis], out_size)
+    idx, w = _resize_taps(x.shape[axis], out_size, interpolation)
     shape = [1, 1, 1]
     shape[axis] = out_size
     out = np.zeros(x.shape[:axis] + (out_size,) + x.shape[axis + 1:])
@@ -81,16 +110,41 @@ def _resample(x, axis, out_size):
     return out
 
 
-def resize(image, size):
+_PIL_PRECISION_BITS = 32 - 8 - 2          # Pillow's Resample.c
+
+
+def _resample_pil8(x, axis, out_size, interpolation):
+    """One pass of Pillow's 8-bit resampling: fixed-point weights, rounded to uint8."""
+    idx, w = _resize_taps(x.shape[axis], out_size, interpolation)
+    one = 1 << _PIL_PRECISION_BITS
+    # C's (int) truncates toward zero; Pillow rounds the weights away from zero first.
+    fixed = np.trunc(np.where(w < 0, w * one - 0.5, w * one + 0.5)).astype(np.int64)
+    shape = [1, 1, 1]
+    shape[axis] = out_size
+    out = np.full(x.shape[:axis] + (out_size,) + x.shape[axis + 1:], one >> 1, np.int64)
+    for t in range(idx.shape[1]):
+        out += np.take(x, idx[:, t], axis=axis).astype(np.int64) * fixed[:, t].reshape(shape)
+    return np.clip(out >> _PIL_PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def resize(image, size, interpolation="bilinear"):
     """Resize so the shorter side is ``size`` (the longer keeps the aspect ratio, floored).
 
     Args:
         image: (H, W, C) uint8 or float array.
         size: target length of the shorter side, or ``(height, width)``.
+        interpolation: ``"bilinear"`` (torchvision's antialiased tensor resize) or
+            ``"bicubic"`` (Pillow's; on uint8 images, Pillow's 8-bit arithmetic too).
 
     Returns:
         the resized array, same dtype.
+
+    Raises:
+        ValueError: an interpolation other than those two.
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                         f"{interpolation!r}")
     h, w = image.shape[:2]
     if isinstance(size, int):
         short, long_ = (h, w) if h <= w else (w, h)
@@ -98,11 +152,19 @@ def resize(image, size):
         out_h, out_w = (new_short, new_long) if h <= w else (new_long, new_short)
     else:
         out_h, out_w = size
+    if image.dtype == np.uint8 and interpolation == "bicubic":
+        # Pillow (timm's reference) rounds to 8 bits between the passes, horizontal first.
+        x = image
+        if out_w != w:
+            x = _resample_pil8(x, 1, out_w, interpolation)
+        if out_h != h:
+            x = _resample_pil8(x, 0, out_h, interpolation)
+        return x
     x = image.astype(np.float64)
     if out_w != w:
-        x = _resample(x, 1, out_w)                  # (H, out_w, C)
+        x = _resample(x, 1, out_w, interpolation)   # (H, out_w, C)
     if out_h != h:
-        x = _resample(x, 0, out_h)                  # (out_h, out_w, C)
+        x = _resample(x, 0, out_h, interpolation)   # (out_h, out_w, C)
     if image.dtype == np.uint8:
         # torch's uint8 path keeps full precision between the passes and rounds once.
         return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
@@ -139,8 +201,14 @@ class ImageClassification:
 
     Args:
         crop_size: side of the square crop (224).
-        resize_size: shorter side after resizing (256 for V1 weights, 232 for V2).
+        resize_size: shorter side after resizing (256 for V1 weights, 232 for V2), or
+            ``(height, width)`` to resize to exactly that (timm's ``crop_mode="squash"``).
         mean, std: per-channel normalisation (ImageNet's by default).
+        interpolation: ``"bilinear"`` (torchvision's presets) or ``"bicubic"`` (most timm
+            weights; Pillow's arithmetic, see :func:`resize`).
+
+    Raises:
+        ValueError: an unknown interpolation.
 
     Example:
         >>> t = numres.ResNet50_Weights.DEFAULT.transforms()
@@ -148,10 +216,79 @@ class ImageClassification:
         >>> x1 = t(rgb_uint8_array)               # (3, 224, 224)
     """
 
-    def __init__(self, crop_size=224, resize_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, crop_size=224, resize_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 interpolation="bilinear"):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                             f"{interpolation!r}")
         self.crop_size, self.resize_size = crop_size, resize_size
+        self.interpolation = interpolation
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
+
+    @classmethod
+    def from_timm_config(cls, pretrained_cfg, use_test_size=False):
+        """The preset timm's ``transforms_imagenet_eval`` builds from a ``pretrained_cfg``.
+
+        timm resizes the shorter side to ``floor(size / crop_pct)`` and center-crops ``size``
+        (``crop_mode="center"``), or resizes both sides to it (``"squash"``). Missing keys take
+        timm's defaults (224, crop_pct 0.875, bicubic, ImageNet mean/std).
+
+        Args:
+            pretrained_cfg: the ``pretrained_cfg`` mapping of a timm ``config.json``.
+            use_test_size: use ``test_input_size``/``test_crop_pct`` where given (timm's
+                ``use_test_size=True``) instead of ``input_size``/``crop_pct``.
+
+        Returns:
+            :class:`ImageClassification`.
+
+        Raises:
+            ValueError: what numres does not reproduce: a non-square input size,
+                ``crop_mode="border"``, an interpolation other than bilinear/bicubic, or
+                channels other than 3.
+
+        Example:
+            >>> cfg = {"input_size": [3, 224, 224], "crop_pct": 0.95, "interpolation": "bicubic"}
+            >>> ImageClassification.from_timm_config(cfg).resize_size
+            235
+        """
+        cfg = pretrained_cfg
+        size_key, pct_key = ("input_size", "crop_pct")
+        if use_test_size and cfg.get("test_input_size"):
+            size_key = "test_input_size"
+        if use_test_size and cfg.get("test_crop_pct"):
+            pct_key = "test_crop_pct"
+        input_size = cfg.get(size_key) or (3, 224, 224)
+        if (not isinstance(input_size, (list, tuple)) or len(input_size) != 3
+                or not all(isinstance(v, int) and v > 0 for v in input_size)):
+            raise ValueError(f"timm {size_key} must be [channels, height, width], got "
+                             f"{input_size!r:.80}")
+        channels, height, width = input_size
+        if channels != 3:
+            raise ValueError(f"timm {size_key} {list(input_size)} has {channels} channels; "
+                             "numres models take RGB (3)")
+        if height != width:
+            raise ValueError(f"timm {size_key} {list(input_size)} is not square; numres's "
+                             "preset crops squares (timm's ResizeKeepRatio is not reproduced)")
+        crop_pct = cfg.get(pct_key) or 0.875
+        if not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 4:
+            raise ValueError(f"timm {pct_key} must be a number in (0, 4], got {crop_pct!r:.40}")
+        mode = cfg.get("crop_mode") or "center"
+        scale = math.floor(height / crop_pct)
+        if mode == "center":
+            resize_size = scale
+        elif mode == "squash":
+            resize_size = (scale, scale)
+        else:
+            raise ValueError(f"timm crop_mode {mode!r:.40} is not supported (numres does "
+                             "'center' and 'squash')")
+        interpolation = cfg.get("interpolation") or "bicubic"
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"timm interpolation {interpolation!r:.40} is not supported; "
+                             f"numres does {', '.join(INTERPOLATIONS)}")
+        return cls(crop_size=height, resize_size=resize_size,
+                   mean=tuple(cfg.get("mean") or IMAGENET_MEAN),
+                   std=tuple(cfg.get("std") or IMAGENET_STD), interpolation=interpolation)
 
     def __call__(self, images):
         """One image (path, PIL image or HWC array) -> (3, h, w); a list -> (N, 3, h, w)."""
@@ -159,7 +296,7 @@ class ImageClassification:
             return np.stack([self(img) for img in images]) if images else \
                 np.zeros((0, 3, self.crop_size, self.crop_size), np.float32)
         arr = _as_rgb_array(images)
-        arr = center_crop(resize(arr, self.resize_size), self.crop_size)
+        arr = center_crop(resize(arr, self.resize_size, self.interpolation), self.crop_size)
         x = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)
         x = (x - self.mean) / self.std
         return np.ascontiguousarray(x.transpose(2, 0, 1))   # (H, W, 3) -> (3, H, W)
@@ -167,7 +304,8 @@ class ImageClassification:
     def __repr__(self):
         return (f"ImageClassification(crop_size={self.crop_size}, "
                 f"resize_size={self.resize_size}, mean={self.mean.tolist()}, "
-                f"std={self.std.tolist()}, interpolation=bilinear, antialias=True)")
+                f"std={self.std.tolist()}, interpolation={self.interpolation}, "
+                "antialias=True)")
 
 
 def preprocess(images, weights=None, resize_size=256, crop_size=224):

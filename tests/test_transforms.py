@@ -133,3 +133,79 @@ def test_top1_agrees_with_torchvision_preprocessing(tv):
         ours = model(numres.preprocess(arr)[None])
         theirs = model(preset(torch.from_numpy(arr.copy()).permute(2, 0, 1)).numpy()[None])
         assert ours.argmax() == theirs.argmax()
+
+
+# -- bicubic (timm's weights) -------------------------------------------------------------------
+def _old_bilinear_taps(in_size, out_size):
+    """_resize_taps as it was before bicubic joined it: the bilinear path must not move."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)
+    rows = []
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = np.arange(lo, hi)
+        w = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) / support))
+        rows.append((taps, w / w.sum()))
+    return rows
+
+
+@pytest.mark.parametrize("in_size,out_size", [(640, 256), (427, 232), (100, 300), (7, 3)])
+def test_bilinear_taps_are_unchanged(in_size, out_size):
+    from numres.transforms import _resize_taps
+    idx, w = _resize_taps(in_size, out_size)
+    for i, (taps, weights) in enumerate(_old_bilinear_taps(in_size, out_size)):
+        assert idx[i, :len(taps)].tolist() == taps.tolist()
+        assert w[i, :len(taps)].tobytes() == weights.tobytes()
+        assert not w[i, len(taps):].any()
+
+
+def test_bicubic_equals_pillow():
+    """uint8 bicubic is Pillow's arithmetic; measured: every pixel equal (max difference 0)."""
+    from PIL import Image
+    images = [load_image(p) for p in photos()] + [synthetic(231, 999, 5), synthetic(61, 47, 6)]
+    for arr in images:
+        pil = Image.fromarray(arr)
+        h, w = arr.shape[:2]
+        for out_h, out_w in ((235, 352), (224, 224), (h * 2, w + 3), (h, w // 3), (9, 13)):
+            theirs = np.asarray(pil.resize((out_w, out_h), Image.BICUBIC))
+            ours = resize(arr, (out_h, out_w), "bicubic")
+            assert ours.dtype == np.uint8
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_bicubic_float_path(tv):
+    torch, _ = tv
+    import torchvision.transforms.functional as F
+    from torchvision.transforms import InterpolationMode
+    arr = synthetic(180, 260, 1).astype(np.float32) / 255
+    theirs = F.resize(torch.from_numpy(arr).permute(2, 0, 1), [128],
+                      interpolation=InterpolationMode.BICUBIC, antialias=True)
+    # Measured 9e-6: torch accumulates in float32, numres in float64.
+    np.testing.assert_allclose(resize(arr, 128, "bicubic"), theirs.permute(1, 2, 0).numpy(),
+                               atol=5e-5)
+
+
+def test_timm_eval_preset_equals_timms_pipeline(tv):
+    """timm's transforms_imagenet_eval for resnet50.a1_in1k (input 224, crop_pct 0.95,
+    bicubic) is torchvision's Resize(235)/CenterCrop(224)/ToTensor/Normalize on PIL images."""
+    _, torchvision = tv
+    from PIL import Image
+    T = torchvision.transforms
+    cfg = {"input_size": [3, 224, 224], "crop_pct": 0.95, "interpolation": "bicubic",
+           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    ours = ImageClassification.from_timm_config(cfg)
+    theirs = T.Compose([T.Resize(235, interpolation=T.InterpolationMode.BICUBIC),
+                        T.CenterCrop(224), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
+    assert "interpolation=bicubic" in repr(ours)
+    for path in photos():
+        img = Image.open(path).convert("RGB")
+        np.testing.assert_array_equal(ours(img), theirs(img).numpy())
+
+
+def test_unknown_interpolation():
+    with pytest.raises(ValueError, match="bilinear, bicubic"):
+        ImageClassification(interpolation="nearest")
+    with pytest.raises(ValueError, match="bilinear, bicubic"):
+        resize(np.zeros((4, 4, 3), np.uint8), 2, "lanczos")

@@ -3,6 +3,8 @@
 All three formats torch has written are read, recognised by their bytes: zip, the legacy
 magic-number stream and the 2017 TAR format. See ``_formats.py`` for the layouts and
 ``_pickle_vm.py`` for why no pickle from a file ever reaches Python's own unpickler.
+safetensors files (Hugging Face's format) are recognised by their bytes as well and read by
+``_safetensors.py``.
 """
 
 import mmap
@@ -15,6 +17,7 @@ import numpy as np
 from ..errors import CheckpointError
 from . import _formats
 from ._pickle_vm import Budget
+from ._safetensors import is_safetensors, read_safetensors
 from ._torch_names import BFLOAT16, TensorRef
 from ._writer import save_pth
 
@@ -22,7 +25,8 @@ __all__ = ["Budget", "Checkpoint", "load_pth", "read_checkpoint", "release_pages
 
 _READERS = {"zip": _formats.read_zip, "legacy": _formats.read_legacy, "tar": _formats.read_tar}
 FORMAT_NAMES = {"zip": "zip (torch >= 1.6)", "legacy": "legacy magic-number (torch 0.2-1.5)",
-                "tar": "TAR (torch 0.1, 2017-era files)"}
+                "tar": "TAR (torch 0.1, 2017-era files)",
+                "safetensors": "safetensors (Hugging Face)"}
 
 
 @dataclass
@@ -30,23 +34,29 @@ class Checkpoint:
     """A checkpoint as read from disk.
 
     Attributes:
-        format: ``"zip"``, ``"legacy"`` or ``"tar"``.
+        format: ``"zip"``, ``"legacy"``, ``"tar"`` or ``"safetensors"``.
         state_dict: name -> array, in file order.
         source: the file name (or ``"<bytes>"``).
-        dtypes: name -> the torch element type it was stored as (``"Float"``, ``"BFloat16"``...).
+        dtypes: name -> the torch element type it was stored as (``"Float"``, ``"BFloat16"``...;
+            a safetensors ``F32``, ``BF16``... is reported by the same names).
+        metadata: a safetensors file's ``__metadata__`` (strings); empty for ``.pth`` files.
     """
 
     format: str
     state_dict: dict
     source: str
     dtypes: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
 
 
 def load_pth(file):
     """Load a PyTorch state dict as NumPy arrays; torch is never imported.
 
+    Reads ``.pth``/``.pt`` files (every format torch has written) and ``.safetensors`` files,
+    told apart by their bytes, never by the file name.
+
     Args:
-        file: path of a ``.pth``/``.pt`` file, or its bytes.
+        file: path of a ``.pth``/``.pt``/``.safetensors`` file, or its bytes.
 
     Returns:
         dict mapping parameter names (torch's ``state_dict`` keys) to ``np.ndarray``. Contiguous
@@ -77,6 +87,9 @@ def read_checkpoint(file, budget=None):
     """
     budget = Budget() if budget is None else budget
     buf, source = _open(file)
+    if is_safetensors(buf):
+        state_dict, dtypes, metadata = read_safetensors(buf, source)
+        return Checkpoint("safetensors", state_dict, source, dtypes, metadata)
     fmt = _formats.detect(buf)
     obj, resolve = _READERS[fmt](buf, source, budget)
     tensors = _state_dict_refs(obj, source)

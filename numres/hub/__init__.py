@@ -1,30 +1,40 @@
-"""Pretrained weights: the registry, the download cache, and the one function that turns a
-builder's ``pretrained=``/``weights=`` arguments into a state dict."""
+"""Pretrained weights: the registry, the download cache, the Hugging Face Hub (``hf.py``), and
+the one function that turns a builder's ``pretrained=``/``weights=`` arguments into a state
+dict."""
 
 import os
 from collections.abc import Mapping
 
 from ..checkpoint import load_pth
-from .download import cache_dir, cached_file, download, mirrored, torch_cache_dir
+from . import hf
+from .download import (UnverifiedDownloadWarning, cache_dir, cached_file, download, mirrored,
+                       torch_cache_dir)
+from .hf import HubWeights, from_hub, hub_weights, is_hub_spec
 from .registry import (REGISTRY, Weights, WeightsEnum, get_weights, hash_prefix,
                        imagenet_categories)
 
-__all__ = ["REGISTRY", "Weights", "WeightsEnum", "cache_dir", "cached_file", "download",
-           "get_weights", "hash_prefix", "imagenet_categories", "mirrored", "resolve",
-           "torch_cache_dir", "fetch_state_dict"]
+__all__ = ["REGISTRY", "HubWeights", "UnverifiedDownloadWarning", "Weights", "WeightsEnum",
+           "cache_dir", "cached_file",
+           "download", "from_hub", "get_weights", "hash_prefix", "imagenet_categories",
+           "mirrored", "resolve", "torch_cache_dir", "fetch_state_dict"]
+
+# Names that can only mean a local file (the registry's tags never end like this).
+LOCAL_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def resolve(arch, pretrained=False, weights=None):
     """Decide where a builder's weights come from.
 
     Returns:
-        ``None`` (random initialisation), a registry :class:`Weights`, a string (a local path
-        or an http(s) URL), or a state dict given as is.
+        ``None`` (random initialisation), a registry :class:`Weights`, a :class:`HubWeights`
+        for ``"hf-hub:org/name[@revision]"`` (its config.json fetched or found in the cache),
+        a string (a local path or an http(s) URL), or a state dict given as is.
 
     Raises:
-        ValueError: both ``pretrained`` and ``weights`` given, unknown tag, or weights of
-            another architecture.
+        ValueError: both ``pretrained`` and ``weights`` given, unknown tag, malformed Hub
+            spec, or weights of another architecture.
         TypeError: ``weights`` of an unsupported type.
+        DownloadError, CheckpointError: a Hub repo's config.json cannot be had or read.
     """
     if pretrained and weights is not None:
         raise ValueError("pass either pretrained=True or weights=..., not both")
@@ -45,9 +55,11 @@ def resolve(arch, pretrained=False, weights=None):
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a tag, Weights, path or URL, got "
                         f"{type(weights).__name__}")
+    if is_hub_spec(weights):
+        return hub_weights(arch, weights)
     if weights.startswith(("http://", "https://")):
         return weights
-    if os.path.exists(weights) or os.sep in weights or weights.endswith((".pth", ".pt")):
+    if os.path.exists(weights) or os.sep in weights or weights.endswith(LOCAL_SUFFIXES):
         if not os.path.exists(weights):
             raise FileNotFoundError(f"weights file not found: {weights}")
         return weights
@@ -58,6 +70,8 @@ def fetch_state_dict(source, progress=True):
     """Load the state dict for what :func:`resolve` returned (downloading if needed)."""
     if isinstance(source, Mapping):
         return source
+    if isinstance(source, HubWeights):
+        return hf.load_state_dict(source, progress=progress)
     if isinstance(source, Weights):
         return load_pth(cached_file(source.url, progress=progress))
     if source.startswith(("http://", "https://")):
