@@ -128,7 +128,7 @@ def cmd_features(args):
     if not files:
         raise FileNotFoundError("no images found in " + " ".join(args.images))
     model = _build(args)
-    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+    out = args.out if args.out.endswith((".npy", ".zarr")) else args.out + ".npy"
 
     def warn_skipped(results):
         for item in results:
@@ -235,8 +235,9 @@ def make_parser():
 
     fe = sub.add_parser("features", help="pooled embeddings for a folder of images")
     fe.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    fe.add_argument("--out", required=True, help="output .npy (good files' names go to "
-                    "<out>.files.txt, skipped ones to <out>.errors.txt)")
+    fe.add_argument("--out", required=True, help="output .npy, or .zarr with zarr installed "
+                    "(good files' names go to <out>.files.txt, skipped ones to "
+                    "<out>.errors.txt)")
     fe.add_argument("--resume", action="store_true",
                     help="continue a killed run of the same command where it stopped")
     _model_args(fe)

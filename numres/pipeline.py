@@ -21,6 +21,7 @@ Example:
 import collections
 import concurrent.futures
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -212,9 +213,10 @@ def _flush(run, batch):
 
 def write_arrays(model, paths, out, *, output="features", resume=False, progress=True,
                  observe=None, **options):
-    """Run image files through ``model`` and write the rows to ``out`` (a ``.npy``) as they
-    come, with ``<out>.files.txt`` (the good files, one per line, in row order) and
-    ``<out>.errors.txt`` (skipped files: ``path<TAB>reason``).
+    """Run image files through ``model`` and write the rows to ``out`` (a ``.npy``, or a
+    ``.zarr`` array with zarr installed) as they come, with ``<out>.files.txt`` (the good
+    files, one per line, in row order) and ``<out>.errors.txt`` (skipped files:
+    ``path<TAB>reason``).
 
     While running, everything goes to ``<out>.partial*`` files; they are renamed into place
     when the run ends. A killed run leaves them behind, and ``resume=True`` continues from
@@ -224,7 +226,7 @@ def write_arrays(model, paths, out, *, output="features", resume=False, progress
     Args:
         model: a numres model.
         paths: image file paths, in the order the rows should have.
-        out: the ``.npy`` path.
+        out: the ``.npy`` (or ``.zarr``) path.
         output: ``"features"`` (default) or ``"logits"``.
         resume: continue a killed run of the same command instead of starting over.
         progress: a progress bar with img/s and ETA on stderr, when it is a terminal.
@@ -270,7 +272,10 @@ def write_arrays(model, paths, out, *, output="features", resume=False, progress
 
 def output_names(out):
     """The files :func:`write_arrays` writes for ``out``, and its partial files."""
-    stem = out[:-4] if out.endswith(".npy") else out
+    stem = out
+    for suffix in (".npy", ".zarr"):
+        if out.endswith(suffix):
+            stem = out[:-len(suffix)]
     return {"out": out, "files": stem + ".files.txt", "errors": stem + ".errors.txt",
             "partial": out + ".partial", "partial_files": stem + ".files.txt.partial",
             "partial_errors": stem + ".errors.txt.partial"}
@@ -294,18 +299,13 @@ class _Partial:
 
     def __init__(self, names, total, width, resume):
         self.names, self.total, self.width = names, total, width
-        have = os.path.exists(names["partial"])
-        if resume and have:
-            self.rows = np.load(names["partial"], mmap_mode="r+")
-            if self.rows.shape != (total, width) or self.rows.dtype != np.float32:
-                raise ValueError(f"cannot resume: {names['partial']} holds "
-                                 f"{self.rows.shape} {self.rows.dtype}, this run needs "
-                                 f"({total}, {width}) float32")
+        store = _ZarrRows if names["out"].endswith(".zarr") else _NpyRows
+        if resume and os.path.exists(names["partial"]):
+            self.rows = store.open(names["partial"], total, width)
             good = _complete_lines(names["partial_files"])
             bad = _complete_lines(names["partial_errors"])
         else:
-            self.rows = np.lib.format.open_memmap(names["partial"], mode="w+",
-                                                  dtype=np.float32, shape=(total, width))
+            self.rows = store.create(names["partial"], total, width)
             good, bad = [], []
         self.good, self.bad = good, [tuple(line.split("\t", 1)) for line in bad]
         self.files = open(names["partial_files"], "w", encoding="utf-8")
@@ -356,12 +356,96 @@ class _Partial:
         if self.done != self.total:
             return len(self.good), len(self.bad)      # stopped early: stays partial
         rows = len(self.good)
-        del self.rows                                  # unmap before rewriting the header
-        _trim_npy(self.names["partial"], rows, self.width)
+        self.rows.trim(rows)
+        self.rows = None
         os.replace(self.names["partial_files"], self.names["files"])
         os.replace(self.names["partial_errors"], self.names["errors"])
+        if os.path.isdir(self.names["out"]):          # a zarr store from an earlier run
+            shutil.rmtree(self.names["out"])
         os.replace(self.names["partial"], self.names["out"])
         return rows, len(self.bad)
+
+
+class _NpyRows:
+    """Rows in a memory-mapped ``.npy`` with one row per input; trimmed at the end by
+    rewriting the header (same length) and truncating the file."""
+
+    def __init__(self, path, array):
+        self.path, self.array = path, array
+
+    @classmethod
+    def create(cls, path, total, width):
+        return cls(path, np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                                   shape=(total, width)))
+
+    @classmethod
+    def open(cls, path, total, width):
+        array = np.load(path, mmap_mode="r+")
+        _check_resumable(path, array.shape, array.dtype, total, width)
+        return cls(path, array)
+
+    def __setitem__(self, index, value):
+        self.array[index] = value
+
+    def flush(self):
+        self.array.flush()
+
+    def trim(self, rows):
+        width = self.array.shape[1]
+        del self.array                               # unmap before rewriting the header
+        _trim_npy(self.path, rows, width)
+
+
+class _ZarrRows:
+    """Rows in a zarr array (``pip install zarr``): written a chunk of rows at a time, resized
+    to the good rows at the end."""
+
+    CHUNK_ROWS = 1024
+
+    def __init__(self, array):
+        self.array, self.pending = array, {}
+
+    @classmethod
+    def create(cls, path, total, width):
+        zarr = _zarr()
+        array = zarr.open_array(path, mode="w", shape=(total, width), dtype="float32",
+                                chunks=(min(total, cls.CHUNK_ROWS), width))
+        return cls(array)
+
+    @classmethod
+    def open(cls, path, total, width):
+        array = _zarr().open_array(path, mode="r+")
+        _check_resumable(path, array.shape, array.dtype, total, width)
+        return cls(array)
+
+    def __setitem__(self, index, value):
+        self.pending[index] = value
+
+    def flush(self):
+        if self.pending:
+            first, last = min(self.pending), max(self.pending)
+            block = np.stack([self.pending[i] for i in range(first, last + 1)])
+            self.array[first:last + 1] = block        # (rows, width), one write
+            self.pending = {}
+
+    def trim(self, rows):
+        self.flush()
+        self.array.resize((rows, self.array.shape[1]))
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError:
+        raise ImportError("writing .zarr output needs zarr: pip install numres[zarr]") \
+            from None
+    return zarr
+
+
+def _check_resumable(path, shape, dtype, total, width):
+    if tuple(shape) != (total, width) or np.dtype(dtype) != np.float32:
+        raise ValueError(f"cannot resume: {path} holds {tuple(shape)} {dtype}, this run needs "
+                         f"({total}, {width}) float32")
 
 
 def _complete_lines(path):

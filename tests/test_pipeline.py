@@ -346,3 +346,26 @@ def test_progress_bar_shows_rate_and_eta(capsys, monkeypatch):
     quiet.update(5)
     quiet.close()
     assert capsys.readouterr().err == ""
+
+
+def test_zarr_output_equals_npy_and_resumes(folder, model, tmp_path):
+    zarr = pytest.importorskip("zarr", reason="zarr is not installed (zarr output)")
+    paths = listing(folder)
+    write_arrays(model, paths, tmp_path / "n.npy", batch_size=2)
+
+    def stop(results):
+        for i, item in enumerate(results):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        write_arrays(model, paths, tmp_path / "z.zarr", batch_size=2, observe=stop)
+    assert (tmp_path / "z.zarr.partial").is_dir()
+    write_arrays(model, paths, tmp_path / "z.zarr", batch_size=2, resume=True)
+    stored = zarr.open_array(str(tmp_path / "z.zarr"), mode="r")
+    np.testing.assert_array_equal(stored[:], np.load(tmp_path / "n.npy"))
+    for kind in ("files", "errors"):
+        assert (tmp_path / f"z.{kind}.txt").read_text() == \
+            (tmp_path / f"n.{kind}.txt").read_text()
+    assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
