@@ -126,6 +126,22 @@ def compute_only(arch, weights, folder, batch=16):
     return len(x) / float(np.median(times))
 
 
+def draft_difference(folder, resize=256, crop=224):
+    """How far ``--draft`` moves the model's input: the uint8 224x224 crops of the exact and
+    the reduced-size decode, compared value by value over a folder."""
+    from numres.pipeline import read_image
+    from numres.transforms import center_crop, resize as resized
+    diffs = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        exact = center_crop(resized(read_image(path), resize), crop).astype(np.int16)
+        draft = center_crop(resized(read_image(path, resize), resize), crop).astype(np.int16)
+        diffs.append(np.abs(exact - draft).ravel())
+    d = np.concatenate(diffs)
+    return {"max": int(d.max()), "mean": float(d.mean()), "share_differing": float((d > 0).mean()),
+            "share_over_4": float((d > 4).mean())}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet18,resnet50")
@@ -187,6 +203,10 @@ def main(argv=None):
                 for name, rate in rates.items():
                     print(f"  {name:<40} {rate:7.1f} img/s  {rate / best_torch:5.2f}x torch")
                 print(f"  {'numres compute only (batch 16)':<40} {compute:7.1f} img/s")
+                if width * height > 4 * 256 * 256 and "draft" not in results:
+                    results["draft"] = draft_difference(folder)
+                    print(f"  --draft vs exact input (uint8 crops, {size}): "
+                          f"{results['draft']}")
         if args.memory_files:
             folder = os.path.join(work, "small")
             most = max(int(n) for n in args.memory_files.split(","))
