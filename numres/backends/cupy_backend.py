@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BackendUnavailable
-from ._base import Backend, conv_output_size
+from ._base import (Backend, compose_conv_pool, conv_output_size, nbytes,
+                    workspace_free_sizes)
 
 _HINT = ("pip install numres[cuda] (or the cupy-cudaXXx wheel that matches your CUDA "
          "driver, e.g. cupy-cuda12x)")
@@ -251,6 +252,54 @@ class CupyBackend(Backend):
         self._launch("bias_act", y.size, y, fc.bias, self._dummy, np.int32(0), np.int64(n),
                      np.int32(o), np.int32(0))
         return y
+
+    # -- memory (device memory: what the check in numres.models.memory compares) -----------
+    allocator = "pool"
+
+    @property
+    def keeps_buffers_per_shape(self):
+        return self.cuda_graph
+
+    def device_memory(self):
+        device = cupy.cuda.Device()
+        free, _ = device.mem_info                      # what the driver can still hand out
+        # plus blocks CuPy's pool holds but no array uses: the pass allocates from those first
+        cached = cupy.get_default_memory_pool().free_bytes()
+        return free + cached, f"free memory of CUDA device {device.id} (+ CuPy's free pool)"
+
+    def reusable_buffers(self, cache, key):
+        entry = cache.get(key) if self.cuda_graph else None
+        if entry is not None and not isinstance(entry, str):     # a captured graph
+            return None
+        return workspace_free_sizes(self.workspace)
+
+    def memory_events(self, op):
+        """Device bytes of each op, following :meth:`conv2d` and friends."""
+        item = self.dtype.itemsize
+        if op.kind == "input":
+            n, c, h, w = op.x
+            events = [("heap", "device_input", nbytes(op.x))]        # to_device, float32
+            if self.cuda_graph:
+                events.append(("heap", "graph_input", nbytes(op.x)))  # the graph's own input
+            return events + [("alloc", "out", nbytes((n, h, w, c), item))]
+        if op.kind == "conv":
+            n, c, _, _ = op.x
+            _, o, oh, ow = op.y
+            k, g, m = op.kernel, op.groups, n * oh * ow
+            gathers = (k, op.stride, op.padding, g) != (1, 1, 0, 1)
+            events = [("alloc", "out", nbytes((m, o), item))]
+            if gathers:
+                events.append(("alloc", "im2col", nbytes((m, k * k * c), item)))   # (G, M, K)
+            if g > 1:
+                events += [("alloc", "grouped", nbytes((m, o), item)), ("free", "grouped")]
+            return events + [("free", "im2col")] * gathers
+        if op.kind == "conv_pool":
+            return compose_conv_pool(self, op)
+        if op.kind == "to_nchw":
+            return [("alloc", "out", nbytes(op.y))]                     # always float32
+        if op.kind == "output":
+            return [("heap", f"result{i}", nbytes(shape)) for i, shape in enumerate(op.results)]
+        return [("alloc", "out", nbytes(op.y, item))]
 
     # -- CUDA graphs -----------------------------------------------------------------------
     def execute(self, cache, key, fn, x):

@@ -21,6 +21,7 @@ once. The first pass per input shape is recorded and later ones replay it (``_re
 ``NUMRES_NUM_THREADS`` also sets BLAS's count (through threadpoolctl).
 """
 
+import contextlib
 import os
 import sys
 import threading
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import BackendUnavailable
-from ._base import Backend, conv_output_size
+from ._base import (Backend, compose_conv_pool, conv_output_size, nbytes,
+                    workspace_free_sizes)
 from ._workspace import Workspace, thread_scratch
 
 try:
@@ -191,6 +193,7 @@ class NumbaBackend(Backend):
         self.tuning = Tuning(**tuning)
         self.replay = replay and os.environ.get("NUMRES_REPLAY", "1") != "0"
         self._recording = threading.local()
+        self._batch_hint = threading.local()   # as_batch(n): choices made for n images
         threads = threads or default_threads()
         if os.environ.get("NUMRES_NUM_THREADS"):
             _limit_blas_threads(threads)
@@ -266,8 +269,9 @@ class NumbaBackend(Backend):
                     _EMPTY if residual is None else residual.reshape(m, o),   # (M, O) rows
                     residual is not None, relu)
         y2 = y.reshape(m, o)
+        batch = getattr(self._batch_hint, "n", None) or n
         if conv.winograd_capable and self.tuning.use_winograd(
-                conv, n * -(-h // _winograd.TILE) * -(-w // _winograd.TILE), c):
+                conv, batch * -(-h // _winograd.TILE) * -(-w // _winograd.TILE), c):
             self._step(_winograd.conv3x3, x, conv.winograd_weight(), o, epilogue,
                        self.executor, y)
         elif conv.kind == "grouped":
@@ -523,6 +527,168 @@ class NumbaBackend(Backend):
         out = self.workspace.get((x.shape[0], fc.weight_t.shape[1]))
         self._step(_linear, x, fc.weight_t, fc.bias, out)
         return out
+
+    # -- memory ----------------------------------------------------------------------------
+    allocator = "pool"
+
+    @property
+    def keeps_buffers_per_shape(self):
+        return self.replay
+
+    @contextlib.contextmanager
+    def as_batch(self, n):
+        """Winograd's choice depends on the batch's tile count: made here as for ``n``
+        images (in this thread), so chunks of a batch compute what the batch would."""
+        previous = getattr(self._batch_hint, "n", None)
+        self._batch_hint.n = n
+        try:
+            yield
+        finally:
+            self._batch_hint.n = previous
+
+    def reusable_buffers(self, cache, key):
+        plan = cache.get(key) if self.replay else None
+        if isinstance(plan, _replay.Plan) and not plan.lock.locked():
+            return None
+        return workspace_free_sizes(self.workspace)
+
+    def memory_events(self, op):
+        """The workspace buffers, thread scratch and lazily made Winograd filters of each
+        op, following :meth:`conv2d` and friends path by path."""
+        threads = self.executor.threads
+        if op.kind == "input":
+            n, c, h, w = op.x
+            return [("alloc", "out", nbytes((n, h, w, c)))]
+        if op.kind == "conv":
+            return self._conv_events(op, threads)
+        if op.kind == "conv_pool":
+            return self._stem_events(op, threads)
+        if op.kind == "output":
+            # A recorded or replayed pass copies its results (copy_tree), to_numpy again.
+            copies = 2 if self.replay else 1
+            return [("heap", f"result{i}.{j}", nbytes(shape))
+                    for i, shape in enumerate(op.results) for j in range(copies)]
+        return [("alloc", "out", nbytes(op.y))]
+
+    def _conv_events(self, op, threads):
+        conv = op.conv
+        n, c, h, w = op.x
+        _, o, oh, ow = op.y
+        k, p, g = conv.kernel_size, conv.padding, conv.groups
+        events = [("alloc", "out", nbytes((n, oh, ow, o)))]
+        tiles = (op.batch or n) * -(-h // _winograd.TILE) * -(-w // _winograd.TILE)
+        if conv.winograd_capable and self.tuning.use_winograd(conv, tiles, c):
+            return events + self._winograd_events(conv, n, c, h, w, o, threads)
+        if conv.kind == "grouped":
+            # per block, in each thread's own pool: im2col (G, mb, K/G) and (G, mb, O/G);
+            # a block's buffers are asked for while the previous block's are still bound
+            mb = max(1, self.tuning.row_block // ow) * ow
+            return events + [
+                ("scratch", "grouped_cols", 2 * threads * nbytes((g, mb, k * k * (c // g)))),
+                ("scratch", "grouped_y", 2 * threads * nbytes((g, mb, o // g)))]
+        if conv.kind == "grouped_direct":
+            width = -(-ow // _gemm.MR_G) * _gemm.MR_G
+            return events + self._padded_events(op, _gemm.MR_G) + [
+                ("scratch", "grouped_c", threads * nbytes((width, _gemm.NR_G))),
+                ("free", "padded")]
+        if conv.kind == "grouped_small":
+            return events + self._padded_events(op, _grouped.TILE_ROWS[o // g]) \
+                + [("free", "padded")]
+        if conv.packed is not None and _reads_directly(conv, c, ow):
+            panels = conv.packed.shape[0]
+            tiles_w = -(-ow // _gemm.MR)
+            rows = n * oh
+            by_panels = (rows * tiles_w < 2 * threads * DIRECT_BLOCK_TILES
+                         and conv.packed.nbytes > DIRECT_PANEL_BYTES and panels >= 2 * threads)
+            rb = rows if by_panels else max(1, min(DIRECT_BLOCK_TILES // tiles_w,
+                                                   rows // (threads * BLOCKS_PER_THREAD)))
+            padded = [] if p == 0 and ow % _gemm.MR == 0 else self._padded_events(op, _gemm.MR)
+            return events + padded + [
+                ("scratch", "gemm_c",
+                 threads * nbytes((rb * tiles_w * _gemm.MR, panels * _gemm.NR)))] \
+                + [("free", "padded")] * bool(padded)
+        m = n * oh * ow
+        if conv.packed is not None:
+            panels, k_dim = conv.packed.shape[:2]
+            if m < threads * self.tuning.split_rows_min and panels >= threads:
+                mc = -(-m // _gemm.MR) * _gemm.MR
+            else:
+                mc = min(_gemm.MC, max(1, -(-m // (threads * BLOCKS_PER_THREAD * _gemm.MR)))
+                         * _gemm.MR)
+            return events + [("scratch", "gemm_a", threads * nbytes((mc, k_dim))),
+                             ("scratch", "gemm_c", threads * nbytes((mc, panels * _gemm.NR)))]
+        return events + self._blas_events(conv, n, oh, ow, o, threads)
+
+    def _winograd_events(self, conv, n, c, h, w, o, threads):
+        th, tw = _winograd.tiles(h, w)
+        total = n * th
+        rows_per_block = max(1, _winograd.BLOCK_TILES // tw)
+        alpha2 = _winograd.ALPHA ** 2
+        packed = conv.packed is not None
+        panels = -(-o // _gemm.NR)
+        weight_bytes = nbytes((alpha2, panels, c, _gemm.NR) if packed else (alpha2, c, o))
+        events = []
+        if conv.winograd is None:
+            # made on first use and kept; meanwhile the unpacked (9C, O) filters, one (C, O)
+            # float64 product at a time and its float32 copy
+            events += [("heap", "winograd_weights", weight_bytes),
+                       ("heap", "transform", c * o * (48 if packed else 8)),
+                       ("free", "transform")]
+        if packed:
+            per_block = min(rows_per_block, -(-total // threads))
+            if weight_bytes <= _winograd.SMALL_FILTERS:
+                per_block = min(per_block, max(-(-_winograd.MIN_BLOCK_TILES // tw),
+                                               total // (3 * threads)))
+            rows = -(-(per_block * tw) // _gemm.MR) * _gemm.MR
+            width = panels * _gemm.NR
+        else:
+            rows, width = rows_per_block * tw, o
+        scratch = {"winograd_d": alpha2 * c, "winograd_d2": alpha2 * c,
+                   "winograd_v": alpha2 * rows * c, "winograd_m": alpha2 * rows * width,
+                   "winograd_t": 4 * _winograd.ALPHA * o, "winograd_o": 4 * o}
+        return events + [("scratch", slot, threads * size * 4) for slot, size in scratch.items()]
+
+    def _blas_events(self, conv, n, oh, ow, o, threads):
+        """The BLAS fallback's gathered GEMM inputs (``_blas_gemm``)."""
+        m, k_dim = n * oh * ow, conv.weight.shape[0]
+        if not (conv.kind == "im2col" or conv.stride > 1):
+            return []
+        plan = self.tuning.gemm_plan(m, k_dim, o, threads)
+        if plan == "columns":
+            return [("alloc", "gathered", nbytes((m, k_dim))), ("free", "gathered")]
+        if plan == "rows":
+            per_block = max(1, self.tuning.row_block // ow)
+            return [("scratch", "blas_rows", threads * nbytes((per_block * ow, k_dim)))]
+        rows = min(m, max(1, self.tuning.blas_chunk // ow) * ow)
+        # the next chunk's buffer is asked for while the previous one is still bound
+        return [("alloc", "chunk0", nbytes((rows, k_dim))), ("alloc", "chunk1",
+                nbytes((rows, k_dim))), ("free", "chunk0"), ("free", "chunk1")]
+
+    def _padded_events(self, op, tile_rows):
+        n, c, h, w = op.x
+        conv = op.conv
+        hp, wp = _gemm.padded_rows(h, w, conv.kernel_size, conv.stride, conv.padding,
+                                   tile_rows)
+        return [("alloc", "padded", nbytes((n, hp, wp, c)))]
+
+    def _stem_events(self, op, threads):
+        conv = op.conv
+        n, c, h, w = op.x
+        _, o, oh, ow = op.conv_shape()
+        if conv.packed is None or not _reads_directly(conv, c, ow):
+            return compose_conv_pool(self, op)
+        pool_k, pool_s, _ = op.pool
+        rows = n * op.y[2]
+        qb = max(1, min(STEM_POOL_ROWS, rows // (2 * threads)))
+        band_rows = min(oh, (qb - 1) * pool_s + pool_k)
+        panels = conv.packed.shape[0]
+        tiles_w = -(-ow // _gemm.MR)
+        return ([("alloc", "out", nbytes(op.y[:1] + op.y[2:] + op.y[1:2]))]
+                + self._padded_events(op, _gemm.MR)
+                + [("scratch", "stem_band", threads * nbytes((band_rows, ow, o))),
+                   ("scratch", "gemm_c",
+                    threads * nbytes((band_rows * tiles_w * _gemm.MR, panels * _gemm.NR))),
+                   ("free", "padded")])
 
     # -- recorded passes -------------------------------------------------------------------
     def execute(self, cache, key, fn, x):

@@ -3,12 +3,14 @@
 import numpy as np
 
 
-def check_input(x, backend):
+def check_input(x, backend, cast=True):
     """Validate a batch and return it as float32 (N, 3, H, W).
 
     Args:
         x: NumPy array (or array-like), or the backend's own device array.
         backend: the model's backend (device arrays of that backend are accepted as they are).
+        cast: cast float16/float64 to float32 here; ``False`` leaves it to the caller
+            (:func:`as_float32`), e.g. after a memory check, or chunk by chunk.
 
     Raises:
         TypeError: not an array, or an integer/bool/complex dtype (normalise images first).
@@ -35,6 +37,9 @@ def check_input(x, backend):
                          f"{tuple(x.shape)}{hint}")
     if 0 in x.shape:
         raise ValueError(f"input has an empty dimension: shape {tuple(x.shape)}")
-    if dtype != np.float32:
-        x = x.astype(np.float32)  # float16/float64: cast, as the weights are float32
-    return x
+    return as_float32(x) if cast else x
+
+
+def as_float32(x):
+    """``x`` as float32 (a copy only when it is not): the weights are float32."""
+    return x if x.dtype == np.float32 else x.astype(np.float32)

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..backends import get_backend
 from ..checkpoint import release_pages
-from ._input import check_input
+from . import memory
+from ._input import as_float32, check_input
 from ._modules import BatchNorm2d, Conv2d, Linear, Module, Sequential, load_state_dict
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -122,6 +123,13 @@ class ResNet(Module):
         backend: ``"auto"``, ``"numpy"``, ``"numba"``, ``"cupy"`` or a Backend.
         fold_bn: fold batch norm into the convolutions (the fast, default path).
 
+    Memory: before each pass the model estimates what it will allocate
+    (:mod:`numres.models.memory`); a batch that does not fit the memory available runs in
+    chunks that do (same results, bit for bit), and an image that alone does not fit raises
+    :class:`MemoryError` before anything large is allocated. ``memory_limit`` (bytes,
+    ``"4GiB"`` or ``"none"``) overrides the detected memory, as ``NUMRES_MEMORY_LIMIT`` does
+    for every model.
+
     Example:
         >>> model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10, backend="numpy")
         >>> model(np.zeros((1, 3, 64, 64), np.float32)).shape
@@ -150,6 +158,7 @@ class ResNet(Module):
         self._backend = get_backend(backend)
         self._plan = None
         self._plan_lock = threading.Lock()
+        self.memory_limit = None
 
     def _make_layer(self, block, planes, blocks, stride=1):
         downsample = None
@@ -224,7 +233,8 @@ class ResNet(Module):
         fc = self.fc.params
         return {"stem": _ConvBN(backend, self.conv1, self.bn1, fold), "blocks": blocks,
                 "fc": backend.prepare_linear(fc["weight"], fc["bias"]),
-                "graphs": {}}   # device backends' captured passes, tied to these weights
+                "graphs": {},   # device backends' captured passes, tied to these weights
+                "memory": {}}   # memory estimates per input shape (memory.batch_chunk)
 
     # -- inference -------------------------------------------------------------------------
     def __call__(self, x):
@@ -264,11 +274,33 @@ class ResNet(Module):
         return self._run(x, "maps", stages)
 
     def _run(self, x, kind, stages=()):
-        """Validate ``x``, run the network up to ``kind``, return results like ``x``."""
+        """Validate ``x``, run the network up to ``kind``, return results like ``x``.
+
+        Raises:
+            MemoryError: one image of ``x``'s shape does not fit in the memory available
+                (:func:`numres.models.memory.batch_chunk`); a batch that does not fit runs
+                in chunks instead.
+        """
         backend = self._backend
-        x = check_input(x, backend)
+        x = check_input(x, backend, cast=False)
         on_device = backend.owns(x)
         plan = self._prepared()
+        n = x.shape[0]
+        copy_input = x.dtype != np.float32 or not x.flags.c_contiguous
+        chunk = memory.batch_chunk(self, x.shape, kind, stages, copy_input)
+        if chunk < n:
+            return self._chunked(plan, x, kind, stages, chunk, on_device)
+        out = self._pass(plan, as_float32(x), kind, stages)
+        if on_device:
+            return out
+        if isinstance(out, dict):
+            return {k: backend.to_numpy(v) for k, v in out.items()}
+        return backend.to_numpy(out)
+
+    def _pass(self, plan, x, kind, stages, batch=None):
+        """One pass of float32 ``x`` through ``backend.execute``: backend arrays out.
+        ``batch``: the backend's choices are made as for that many images."""
+        backend = self._backend
 
         def forward(xd):
             act = backend.from_nchw(xd)
@@ -279,13 +311,48 @@ class ResNet(Module):
             pooled = backend.global_avg_pool(self._trunk(plan, act, None))
             return pooled if kind == "features" else backend.linear(pooled, plan["fc"])
 
-        out = backend.execute(plan["graphs"], (kind, stages, tuple(x.shape)), forward,
-                              backend.to_device(x))
-        if on_device:
-            return out
-        if isinstance(out, dict):
-            return {k: backend.to_numpy(v) for k, v in out.items()}
-        return backend.to_numpy(out)
+        return backend.execute(plan["graphs"], memory.pass_key(kind, stages, x.shape, batch),
+                               forward, backend.to_device(x))
+
+    def _chunked(self, plan, x, kind, stages, chunk, on_device):
+        """``_run`` for a batch that does not fit at once: chunks of at most ``chunk`` images.
+
+        Each chunk is computed as in the whole batch (``backend.as_batch``: the same
+        algorithm per layer; every kernel computes each image on its own), so results equal
+        an unsplit run's bit for bit. Logits: the chunks' pooled features are gathered and
+        ``fc`` runs once on all of them, as in the unsplit pass (a GEMM's rounding may
+        depend on its row count). Where the backend keeps buffers per input shape (recorded
+        passes, CUDA graphs), the last chunk is padded with zeros to the others' size, so
+        one shape's buffers serve them all.
+        """
+        backend = self._backend
+        n = x.shape[0]
+        size = -(-n // -(-n // chunk))        # equal chunks: ceil(n / number of chunks)
+        run_kind = "features" if kind == "logits" else kind
+        keep = on_device or kind == "logits"  # gather backend arrays (fc runs on them)
+        gathered = None
+        with backend.as_batch(n):
+            for i0 in range(0, n, size):
+                i1 = min(i0 + size, n)
+                part = x[i0:i1]
+                if backend.keeps_buffers_per_shape and i1 - i0 < size:
+                    # (size, 3, H, W): the remainder, then zero images
+                    part = np.zeros_like(x, shape=(size,) + x.shape[1:], dtype=np.float32)
+                    part[:i1 - i0] = x[i0:i1]
+                out = self._pass(plan, as_float32(part), run_kind, stages, batch=n)
+                out = out if isinstance(out, dict) else {None: out}
+                if gathered is None:
+                    # (N, ...) per result, backend arrays or NumPy as the caller gets them
+                    gathered = {k: np.empty_like(v, shape=(n,) + v.shape[1:]) if keep else
+                                np.empty((n,) + v.shape[1:], np.float32)
+                                for k, v in out.items()}
+                for k, v in out.items():
+                    gathered[k][i0:i1] = (v if keep else backend.to_numpy(v))[:i1 - i0]
+                del out
+        if kind == "logits":
+            logits = backend.linear(gathered[None], plan["fc"])
+            return logits.copy() if on_device else backend.to_numpy(logits)
+        return gathered if kind == "maps" else gathered[None]
 
     def _trunk(self, plan, x, collect):
         """Run the stem and the four stages. ``collect`` = (stage names, dict to fill)."""
