@@ -38,10 +38,10 @@ def _pipeline_args(p):
                    help="a file that cannot be read: skip it with a warning (default) or stop")
     p.add_argument("--decode-threads", type=int, default=None, metavar="N",
                    help="threads decoding images ahead of the model (default: a quarter of "
-                        "the cores, at least 1)")
+                        "the cores, at least 2)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="compute threads of the CPU backend (default: the cores the decode "
-                        "threads leave)")
+                   help="compute threads of the CPU backend (default: every core; "
+                        "NUMRES_NUM_THREADS also sets it)")
     p.add_argument("--draft", action="store_true",
                    help="decode large JPEGs at a reduced size first (faster; no longer "
                         "identical to torchvision's preprocessing)")
@@ -65,14 +65,15 @@ def _build(args):
 
 
 def _backend(args):
-    """The backend for --backend; a CPU backend gets the cores the decode threads leave."""
+    """The backend for --backend, on --threads threads when given (default: every core;
+    see :func:`numres.pipeline.split_threads`)."""
     from .backends import get_backend
     from .pipeline import split_threads
 
     backend = get_backend(args.backend)
-    if backend.name == "numba" and hasattr(args, "decode_threads"):
-        _, compute = split_threads(decode_threads=args.decode_threads)
-        backend = get_backend("numba", threads=args.threads or compute)
+    if backend.name == "numba" and getattr(args, "threads", None):
+        _, compute = split_threads(compute_threads=args.threads)
+        backend = get_backend("numba", threads=compute)
     return backend
 
 
