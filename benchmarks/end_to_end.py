@@ -148,7 +148,8 @@ def main(argv=None):
     p.add_argument("--sizes", default="500x375,4000x3000")
     p.add_argument("--files", type=int, default=160)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--decode-threads", default="1", help="numres decode threads to try")
+    p.add_argument("--decode-threads", default="default",
+                   help="numres decode threads to try, e.g. 1,2 (default: the CLI's default)")
     p.add_argument("--memory-files", default="", help="e.g. 1000,10000")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -174,13 +175,14 @@ def main(argv=None):
                     make_photos(folder, args.files, width, height)
                 contenders = {}
                 for d in args.decode_threads.split(","):
-                    contenders[f"numres (decode threads {d})"] = [
+                    label = "numres" if d == "default" else f"numres (decode threads {d})"
+                    contenders[label] = [
                         sys.executable, "-m", "numres", "features", folder, "--out",
-                        os.path.join(work, "numres.npy"), "--arch", arch, "--weights", weights,
-                        "--decode-threads", d]
+                        os.path.join(work, "numres.npy"), "--arch", arch, "--weights", weights]
+                    if d != "default":
+                        contenders[label] += ["--decode-threads", d]
                     if width * height > 4 * 256 * 256:
-                        contenders[f"numres --draft (decode threads {d})"] = \
-                            contenders[f"numres (decode threads {d})"] + ["--draft"]
+                        contenders[label + " --draft"] = contenders[label] + ["--draft"]
                 for workers in (0, 2):
                     contenders[f"torch DataLoader(num_workers={workers})"] = [
                         sys.executable, "-c", TORCH_SCRIPT, arch, weights, folder,
