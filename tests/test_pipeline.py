@@ -217,21 +217,23 @@ def test_write_arrays_lists_good_and_bad_files(folder, model, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["feats.errors.txt", "feats.files.txt", "feats.npy"]
 
 
+def interrupted_after(count):
+    """An ``observe`` hook that lets ``count`` results through, then interrupts the run (as
+    Ctrl-C would)."""
+    def observe(results):
+        for i, item in enumerate(results):
+            if i == count:
+                raise KeyboardInterrupt
+            yield item
+    return observe
+
+
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(folder, model, tmp_path):
     paths = listing(folder)
     write_arrays(model, paths, tmp_path / "whole.npy", batch_size=2)
-    seen = []
-
-    def killed_after_two_chunks(results):
-        for i, item in enumerate(results):
-            if i == 4:
-                raise KeyboardInterrupt
-            seen.append(item.path)
-            yield item
-
     out = tmp_path / "part.npy"
     with pytest.raises(KeyboardInterrupt):
-        write_arrays(model, paths, out, batch_size=2, observe=killed_after_two_chunks)
+        write_arrays(model, paths, out, batch_size=2, observe=interrupted_after(4))
     assert not out.exists() and (tmp_path / "part.npy.partial").exists()
     computed = []
 
@@ -251,15 +253,9 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(folder, model,
 
 def test_resume_refuses_another_input(folder, model, tmp_path):
     paths = listing(folder)
-
-    def stop(results):
-        for i, item in enumerate(results):
-            if i == 3:
-                raise KeyboardInterrupt
-            yield item
-
     with pytest.raises(KeyboardInterrupt):
-        write_arrays(model, paths, tmp_path / "f.npy", batch_size=1, observe=stop)
+        write_arrays(model, paths, tmp_path / "f.npy", batch_size=1,
+                     observe=interrupted_after(3))
     with pytest.raises(ValueError, match="cannot resume .* differ"):
         write_arrays(model, paths[::-1], tmp_path / "f.npy", resume=True)
 
@@ -352,15 +348,9 @@ def test_zarr_output_equals_npy_and_resumes(folder, model, tmp_path):
     zarr = pytest.importorskip("zarr", reason="zarr is not installed (zarr output)")
     paths = listing(folder)
     write_arrays(model, paths, tmp_path / "n.npy", batch_size=2)
-
-    def stop(results):
-        for i, item in enumerate(results):
-            if i == 5:
-                raise KeyboardInterrupt
-            yield item
-
     with pytest.raises(KeyboardInterrupt):
-        write_arrays(model, paths, tmp_path / "z.zarr", batch_size=2, observe=stop)
+        write_arrays(model, paths, tmp_path / "z.zarr", batch_size=2,
+                     observe=interrupted_after(5))
     assert (tmp_path / "z.zarr.partial").is_dir()
     write_arrays(model, paths, tmp_path / "z.zarr", batch_size=2, resume=True)
     stored = zarr.open_array(str(tmp_path / "z.zarr"), mode="r")

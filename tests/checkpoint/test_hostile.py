@@ -10,8 +10,6 @@ import io
 import pickle
 import struct
 import tarfile
-import time
-import tracemalloc
 import zipfile
 
 import numpy as np
@@ -22,33 +20,8 @@ from numres import CheckpointError
 from numres.checkpoint import Budget, read_checkpoint
 
 from . import craft, old_torch
-from .craft import P, make_zip, state_dict_pickle, zip_pid
+from .craft import P, make_zip, refused, state_dict_pickle, zip_pid
 from .old_torch import Global, Storage, Tensor
-
-
-def refused(data, match=None):
-    """Load ``data``; assert it is refused after bounded work and without a large allocation.
-
-    The work is counted by the reader's :class:`Budget`; memory is traced in a second load
-    (tracing slows Python ~5x: the 3-million opcode flood took 0.7 s plain, 3.7-5.3 s traced).
-    The time bound is 10x the slowest refusal seen here, for slow phases of a shared machine."""
-    budget = Budget()
-    start = time.perf_counter()
-    with pytest.raises(CheckpointError, match=match) as info:
-        read_checkpoint(data, budget=budget)
-    assert time.perf_counter() - start < 30.0
-    assert budget.ops <= budget.max_ops
-    assert budget.bytes_read <= len(data)
-    assert budget.headers <= 8                # four members, each behind one PAX header
-    tracemalloc.start()
-    try:
-        with pytest.raises(CheckpointError, match=match):
-            numres.load_pth(data)
-    finally:
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-    assert peak < 100 << 20, f"refusing the file allocated {peak} bytes"
-    return str(info.value)
 
 
 def zip_with_pickle(pkl, records=None):

@@ -7,7 +7,6 @@ Reference files are written by the real ``safetensors`` package (``safetensors.n
 
 import json
 import struct
-import time
 import tracemalloc
 
 import numpy as np
@@ -16,6 +15,8 @@ import pytest
 import numres
 from numres import CheckpointError
 from numres.checkpoint import _safetensors, read_checkpoint, release_pages
+
+from .craft import refused
 
 st_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors (the reference writer) "
                                "is not installed")
@@ -149,24 +150,6 @@ def test_offsets_in_any_order_and_padded_header_are_read():
 
 
 # -- hostile and damaged files -----------------------------------------------------------------
-def refused(data, match=None):
-    """Load ``data``; assert a CheckpointError, within 5 s (untraced: tracing slows Python
-    several-fold) and with a traced peak under 100 MB (a second load)."""
-    start = time.perf_counter()
-    with pytest.raises(CheckpointError, match=match) as info:
-        numres.load_pth(data)
-    assert time.perf_counter() - start < 5.0
-    tracemalloc.start()
-    try:
-        with pytest.raises(CheckpointError, match=match):
-            numres.load_pth(data)
-    finally:
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-    assert peak < 100 << 20, f"refusing the file allocated {peak} bytes"
-    return str(info.value)
-
-
 def reference_refuses(data):
     try:
         st_numpy.load(data)
