@@ -40,12 +40,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TORCH_SCRIPT = textwrap.dedent("""
-    import os, sys, types
+TORCH_SCRIPT = f"import sys; sys.path.insert(0, {ROOT!r})\n" + textwrap.dedent("""
+    import os, sys
     import numpy as np
-    sys.modules.setdefault("torchvision._meta_registrations",
-                           types.ModuleType("torchvision._meta_registrations"))
-    import torch, torchvision
+    from tests.torch_import import import_torchvision
+    torch, torchvision = import_torchvision()
     from PIL import Image
     from torchvision import transforms as T
     arch, weights, folder, out, workers, threads = sys.argv[1:7]

@@ -10,15 +10,15 @@ Example:
 from .backends import available_backends, get_backend
 from .checkpoint import load_pth, read_checkpoint, save_pth
 from .errors import BackendUnavailable, CheckpointError, DownloadError
-from .hub.hf import from_hub
 from .hub.registry import (ResNet18_Weights, ResNet34_Weights, ResNet50_Weights,
                            ResNet101_Weights, ResNet152_Weights, ResNeXt50_32X4D_Weights,
                            ResNeXt101_32X8D_Weights, ResNeXt101_64X4D_Weights, Weights,
                            Wide_ResNet50_2_Weights, Wide_ResNet101_2_Weights, get_weights)
-from .models.builders import (ARCHS, build, resnet18, resnet34, resnet50, resnet101, resnet152,
-                              resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
+from .models.builders import (ARCHS, build, from_hub, resnet18, resnet34, resnet50, resnet101,
+                              resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
                               wide_resnet50_2, wide_resnet101_2)
 from .models.resnet import ResNet
+from . import pipeline  # noqa: F401  (numres.pipeline.iter_results, write_arrays)
 from .predict import decode, softmax
 from .transforms import ImageClassification, load_image, preprocess
 

@@ -1,15 +1,13 @@
-"""numres beside torch (NCHW and channels_last) and ONNX Runtime, in one process, interleaved.
+"""``numres bench``: numres's own timer, and the pieces ``benchmarks/bench.py`` builds on.
 
-Usage: ``numres bench`` (short) or, from a checkout, ``python benchmarks/bench.py`` (full):
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench.py \\
-        --models resnet18,resnet50 --batches 1,8,32 --sizes 224,320 --json results.json
-
-Every contender runs the same weights (a random torchvision state dict saved with torch.save
-and read by numres from that file) on the same input. Per configuration, contenders are timed
-in turn, round after round, after warm-up; medians are reported, so a noisy neighbour slows
-everyone alike. sgemm peak is measured in the same run (2048^3, NumPy's BLAS). Peak memory
-(``--memory``) is the peak RSS of a fresh process per contender that loads the file and runs
-one configuration. Missing torch/ONNX Runtime: their columns say so and numres still runs.
+Usage: ``numres bench`` (short defaults; ``numres bench --help`` lists the options). For each
+model, batch and size, every numres backend asked for runs the same random weights (saved
+with ``numres.save_pth`` and read back from that file) on the same input, in turn, round after
+round, after warm-up; medians are reported. sgemm peak is measured in the same run (2048^3,
+NumPy's BLAS). ``--memory``: the peak RSS of a fresh process per contender that loads the file
+and runs one configuration. ``--layers N``: the N slowest ops of one pass, timed through
+:meth:`numres.backends.Backend.observe`. The comparison with torch and ONNX Runtime is
+``benchmarks/bench.py`` in a checkout.
 """
 
 import argparse
@@ -21,33 +19,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
+from collections import defaultdict
 
 import numpy as np
 
 import numres
-from numres.backends._base import Backend
+from numres.backends import default_threads
 from numres.models.flops import conv_macs
 
-
-def import_torch():
-    """torch and torchvision, or (None, reason)."""
-    try:
-        import torch
-    except ImportError:
-        return None, "torch not installed"
-    # The PyPI torchvision wheel is a CUDA build; beside CPU torch its meta registrations fail
-    # to import, and the models do not need them.
-    sys.modules.setdefault("torchvision._meta_registrations",
-                           types.ModuleType("torchvision._meta_registrations"))
-    try:
-        import torchvision
-    except Exception as exc:  # noqa: BLE001 - any import failure just removes a column
-        return None, f"torchvision unusable: {exc}"
-    return (torch, torchvision), None
+#: Seconds each contender waits before it is timed: ORT's and OpenMP's idle threads spin for
+#: a while after a run, and no contender should be timed against another's spinning threads.
+SETTLE_S = 0.05
 
 
 def sgemm_peak(rounds=5):
+    """GFLOP/s of NumPy's BLAS on a 2048^3 float32 product (median of ``rounds``)."""
     a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
     a @ a
     times = []
@@ -59,6 +45,7 @@ def sgemm_peak(rounds=5):
 
 
 def blas_info():
+    """The BLAS libraries threadpoolctl sees, one line."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
@@ -68,62 +55,37 @@ def blas_info():
                      if i.get("user_api") == "blas")
 
 
-SETTLE_S = 0.05
+def environment(**extra):
+    """The machine and library versions a run reports, plus ``extra`` entries."""
+    env = {"python": platform.python_version(), "machine": platform.machine(),
+           "processor": cpu_name(), "cpus": os.cpu_count(), "threads": default_threads(),
+           "numpy": np.__version__, "blas": blas_info()}
+    env.update(extra)
+    env.update({"numba": version("numba"), "numres": numres.__version__,
+                "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
+                "date": time.strftime("%Y-%m-%d")})
+    return env
 
 
 class Contender:
-    def __init__(self, name, fn, sync=None):
-        self.name, self.fn, self.sync = name, fn, sync
+    """One thing timed: ``fn()`` runs a batch; ``times`` collects seconds per call."""
+
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
         self.times = []
 
 
-def make_contenders(arch, batch, size, ckpt, torch_mods, backends, ort_dir):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    out, notes = [], {}
+def numres_contenders(arch, ckpt, backends, x):
+    """A :class:`Contender` per backend: ``arch`` with the weights in ``ckpt`` on ``x``."""
+    out = []
     for backend in backends:
         model = numres.build(arch, weights=ckpt, backend=backend)
         out.append(Contender(f"numres-{backend}", lambda m=model: m(x)))
-    if torch_mods:
-        torch, tv = torch_mods
-        tm = getattr(tv.models, arch)()
-        tm.load_state_dict(torch.load(ckpt))
-        tm.eval()
-        xt = torch.from_numpy(x)
-        tm_cl = getattr(tv.models, arch)()
-        tm_cl.load_state_dict(tm.state_dict())
-        tm_cl = tm_cl.eval().to(memory_format=torch.channels_last)
-        xt_cl = xt.contiguous(memory_format=torch.channels_last)
-
-        def run(m, inp):
-            with torch.inference_mode():
-                return m(inp)
-        out.append(Contender("torch-nchw", lambda: run(tm, xt)))
-        out.append(Contender("torch-cl", lambda: run(tm_cl, xt_cl)))
-        onnx_path = os.path.join(ort_dir, f"{arch}.onnx")
-        try:
-            import onnxruntime as ort
-            if not os.path.exists(onnx_path):
-                torch.onnx.export(tm, xt[:1], onnx_path, input_names=["x"],
-                                  output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}},
-                                  dynamo=False)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = numres_threads()
-            sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
-            out.append(Contender("onnxruntime", lambda: sess.run(None, {"x": x})))
-        except Exception as exc:  # noqa: BLE001
-            notes["onnxruntime"] = f"unavailable: {exc}"
-    else:
-        notes["torch"] = notes["onnxruntime"] = "unavailable (no torch to build the reference)"
-    return x, out, notes
-
-
-def numres_threads():
-    from numres.backends._parallel import default_threads
-    return default_threads()
+    return out
 
 
 def bench_config(contenders, rounds, warmup, min_time):
+    """Time ``contenders`` in turn, round after round: ``{name: median seconds per call}``."""
     for c in contenders:
         for _ in range(warmup):
             c.fn()
@@ -135,8 +97,6 @@ def bench_config(contenders, rounds, warmup, min_time):
         reps[c.name] = max(1, int(min_time / max(time.perf_counter() - t, 1e-6)))
     for _ in range(rounds):
         for c in contenders:
-            # ORT's and OpenMP's idle workers spin for a while after a run: let them settle so
-            # that no contender is timed against the previous one's spinning threads.
             time.sleep(SETTLE_S)
             t = time.perf_counter()
             for _ in range(reps[c.name]):
@@ -145,54 +105,38 @@ def bench_config(contenders, rounds, warmup, min_time):
     return {c.name: float(np.median(c.times)) for c in contenders}
 
 
-def layer_breakdown(arch, batch, size, ckpt, backend, top):
-    """Per-op medians for numres, so the slowest layer is visible."""
-    from collections import defaultdict
-    model = numres.build(arch, weights=ckpt, backend=backend)
-    be = model.backend
+def layer_breakdown(model, x, top, runs=5):
+    """The ``top`` slowest ops of ``model(x)``, observed on its backend
+    (:meth:`numres.backends.Backend.observe`).
+
+    Returns:
+        ``(seconds per pass, [(label, calls per pass, seconds per pass), ...])``.
+    """
+    layout = "CHW" if model.backend.name == "numpy" else "HWC"   # the activation layout
     stats = defaultdict(list)
 
-    def timed(label_fn, fn):
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            result = fn(*args, **kwargs)
-            stats[label_fn(*args, **kwargs)].append(time.perf_counter() - t)
-            return result
-        return wrapper
+    def label(op, args):
+        if op in ("conv2d", "conv2d_max_pool"):
+            x, conv = args[:2]
+            shape = "x".join(str(d) for d in x.shape[1:])
+            text = f"conv k{conv.kernel_size} s{conv.stride} g{conv.groups} in {shape} {layout}"
+            return text + (" + max_pool" if op == "conv2d_max_pool" else "")
+        return {"max_pool2d": "max_pool", "from_nchw": "to internal layout",
+                "to_nchw": "to NCHW", "global_avg_pool": "avg_pool"}.get(op, op)
 
-    layout = "CHW" if backend == "numpy" else "HWC"   # the backend's activation layout
-
-    def conv_label(x, conv, **_):
-        shape = "x".join(str(d) for d in x.shape[1:])
-        return f"conv k{conv.kernel_size} s{conv.stride} g{conv.groups} in {shape} {layout}"
-    if hasattr(be, "replay"):
-        be.replay = False        # a replayed pass would skip the timed wrappers
-    originals = {n: getattr(be, n) for n in ("conv2d", "conv2d_max_pool", "max_pool2d",
-                                             "from_nchw")}
-    be.conv2d = timed(conv_label, originals["conv2d"])
-    if type(be).conv2d_max_pool is not Backend.conv2d_max_pool:     # fused by the backend
-        be.conv2d_max_pool = timed(lambda x, conv, *a, **k: conv_label(x, conv) + " + max_pool",
-                                   originals["conv2d_max_pool"])
-    be.max_pool2d = timed(lambda *a, **k: "max_pool", originals["max_pool2d"])
-    be.from_nchw = timed(lambda *a, **k: "to internal layout", originals["from_nchw"])
-    try:
-        x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    with model.backend.observe(lambda op, args, kwargs, s: stats[label(op, args)].append(s)):
         for _ in range(2):
             model(x)
         stats.clear()
-        runs = 5
         t = time.perf_counter()
         for _ in range(runs):
             model(x)
         total = (time.perf_counter() - t) / runs
-    finally:
-        for n, fn in originals.items():
-            setattr(be, n, fn)
     rows = sorted(((sum(v) / runs, k, len(v) // runs) for k, v in stats.items()), reverse=True)
-    return total, [(label, count, seconds) for seconds, label, count in rows[:top]]
+    return total, [(name, count, seconds) for seconds, name, count in rows[:top]]
 
 
-def _peak_rss_mib():
+def peak_rss_mib():
     """Peak RSS of this process's address space (VmHWM). Not getrusage's ru_maxrss, which
     Linux carries across fork/exec: a child would report its parent's peak."""
     try:
@@ -206,36 +150,23 @@ def _peak_rss_mib():
 
 
 def memory_child(args):
-    """Run in a fresh process: load one contender, run one batch, print peak RSS (MiB)."""
+    """Run in a fresh process: load one numres contender, run one batch twice, print its
+    peak RSS (MiB) as JSON."""
     name, arch, batch, size, ckpt = args
-    batch, size = int(batch), int(size)
-    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-    base = _peak_rss_mib()
-    if name.startswith("numres-"):
-        model = numres.build(arch, weights=ckpt, backend=name.split("-", 1)[1])
-        for _ in range(2):
-            model(x)
-    else:
-        mods, _ = import_torch()
-        torch, tv = mods
-        base = _peak_rss_mib()
-        tm = getattr(tv.models, arch)()
-        tm.load_state_dict(torch.load(ckpt))
-        tm.eval()
-        xt = torch.from_numpy(x)
-        if name == "torch-cl":
-            tm = tm.to(memory_format=torch.channels_last)
-            xt = xt.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            for _ in range(2):
-                tm(xt)
-    peak = _peak_rss_mib()
+    x = np.random.default_rng(0).standard_normal(
+        (int(batch), 3, int(size), int(size))).astype(np.float32)
+    base = peak_rss_mib()
+    model = numres.build(arch, weights=ckpt, backend=name.split("-", 1)[1])
+    for _ in range(2):
+        model(x)
+    peak = peak_rss_mib()
     print(json.dumps({"peak_mib": peak, "above_imports_mib": peak - base}))
 
 
-def measure_memory(name, arch, batch, size, ckpt):
-    cmd = [sys.executable, "-m", "numres.bench", "--memory-child", name, arch, str(batch),
-           str(size), ckpt]
+def measure_memory(command, name, arch, batch, size, ckpt):
+    """Peak RSS of ``command + ["--memory-child", name, arch, batch, size, ckpt]`` run in a
+    fresh process (the child's JSON), or None when it failed."""
+    cmd = list(command) + ["--memory-child", name, arch, str(batch), str(size), ckpt]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -244,12 +175,20 @@ def measure_memory(name, arch, batch, size, ckpt):
 
 
 def fmt(v, spec):
+    """``v`` formatted, or ``"n/a"``."""
     return "n/a" if v is None else format(v, spec)
 
 
-def main(argv=None, defaults=None):
-    """Run the benchmark; ``defaults`` overrides argument defaults (``numres bench``)."""
-    p = argparse.ArgumentParser(prog="numres bench", description=__doc__.split("\n\n")[0])
+def print_layers(backend, total, breakdown):
+    """The per-op table of :func:`layer_breakdown`."""
+    print(f"\nslowest numres-{backend} ops (median of 5 runs, {total * 1e3:.1f} ms total):\n")
+    for label, count, seconds in breakdown:
+        print(f"- {seconds * 1e3:7.2f} ms  {count:2d}x  {label}")
+
+
+def options(description, defaults=None):
+    """The options of a benchmark run (``numres bench`` and ``benchmarks/bench.py``)."""
+    p = argparse.ArgumentParser(prog="numres bench", description=description)
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--sizes", default="224")
@@ -259,41 +198,39 @@ def main(argv=None, defaults=None):
     p.add_argument("--min-time", type=float, default=0.2, help="seconds per timed sample")
     p.add_argument("--layers", type=int, default=8, help="top-N per-layer rows (0: none)")
     p.add_argument("--memory", action="store_true", help="peak RSS per contender (slow)")
-    p.add_argument("--no-torch", action="store_true", help="numres only")
     p.add_argument("--json", help="write results here")
     p.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     p.set_defaults(**(defaults or {}))
+    return p
+
+
+def main(argv=None, defaults=None):
+    """Run the benchmark; ``defaults`` overrides argument defaults (``numres bench``).
+
+    Returns:
+        list of per-configuration result dicts (also written with ``--json``).
+    """
+    p = options(__doc__.split("\n\n")[0], defaults)
+    p.add_argument("--no-torch", action="store_true", help=argparse.SUPPRESS)   # always
     args = p.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child)
-
-    torch_mods, torch_note = (None, "disabled") if args.no_torch else import_torch()
-    if torch_mods:
-        torch_mods[0].set_num_threads(numres_threads())
     backends = [b for b in args.backends.split(",") if b]
     peak_before = sgemm_peak()
-    env = {"python": platform.python_version(), "machine": platform.machine(),
-           "processor": _cpu_name(), "cpus": os.cpu_count(), "threads": numres_threads(),
-           "numpy": np.__version__, "blas": blas_info(),
-           "torch": torch_mods[0].__version__ if torch_mods else torch_note,
-           "onnxruntime": _version("onnxruntime"), "numba": _version("numba"),
-           "numres": numres.__version__,
-           "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
-           "date": time.strftime("%Y-%m-%d")}
+    env = environment()
     print("# numres benchmark\n")
     for k, v in env.items():
         print(f"- {k}: {v}")
     print(f"- sgemm peak (2048^3, NumPy): {peak_before:.0f} GFLOP/s\n")
-
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
             ckpt = os.path.join(tmp, f"{arch}.pth")
-            _write_checkpoint(arch, ckpt, torch_mods)
+            numres.save_pth(numres.build(arch, backend="numpy").state_dict(), ckpt)
             for size in map(int, args.sizes.split(",")):
                 for batch in map(int, args.batches.split(",")):
-                    results.append(run_config(arch, batch, size, ckpt, torch_mods, backends,
-                                              tmp, args, peak_before))
+                    results.append(_run_config(arch, batch, size, ckpt, backends, args,
+                                               peak_before))
     peak_after = sgemm_peak()
     print(f"\nsgemm peak after the run: {peak_after:.0f} GFLOP/s")
     env["sgemm_peak_gflops"] = [round(peak_before, 1), round(peak_after, 1)]
@@ -304,63 +241,46 @@ def main(argv=None, defaults=None):
     return results
 
 
-def run_config(arch, batch, size, ckpt, torch_mods, backends, tmp, args, peak):
-    x, contenders, notes = make_contenders(arch, batch, size, ckpt, torch_mods, backends, tmp)
+def _run_config(arch, batch, size, ckpt, backends, args, peak):
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    contenders = numres_contenders(arch, ckpt, backends, x)
     medians = bench_config(contenders, args.rounds, args.warmup, args.min_time)
     gflop = 2 * conv_macs(arch, size, size) * batch / 1e9
-    torch_best = min((medians[k] for k in ("torch-nchw", "torch-cl") if k in medians),
-                     default=None)
-    ort = medians.get("onnxruntime")
     print(f"\n## {arch}, batch {batch}, {size}x{size} ({gflop / batch:.2f} GFLOP/image)\n")
-    print("| contender | img/s | ms/batch | GFLOP/s | % sgemm peak | vs torch best | vs ORT "
-          "| peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| contender | img/s | ms/batch | GFLOP/s | % sgemm peak | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
     rows = []
     for c in contenders:
         t = medians[c.name]
-        mem = measure_memory(c.name, arch, batch, size, ckpt) if args.memory else None
+        mem = measure_memory([sys.executable, "-m", "numres.bench"], c.name, arch, batch, size,
+                             ckpt) if args.memory else None
         row = {"contender": c.name, "model": arch, "batch": batch, "size": size,
                "ms": t * 1e3, "img_s": batch / t, "gflops": gflop / t,
                "peak_fraction": gflop / t / peak,
-               "vs_torch": torch_best / t if torch_best else None,
-               "vs_ort": ort / t if ort else None,
                "peak_rss_mib": mem["peak_mib"] if mem else None}
         rows.append(row)
         print(f"| {c.name} | {row['img_s']:.1f} | {row['ms']:.1f} | {row['gflops']:.0f} | "
-              f"{row['peak_fraction']:.0%} | {fmt(row['vs_torch'], '.2f')} | "
-              f"{fmt(row['vs_ort'], '.2f')} | {fmt(row['peak_rss_mib'], '.0f')} |")
-    for k, v in notes.items():
-        print(f"| {k} | {v} | | | | | | |")
+              f"{row['peak_fraction']:.0%} | {fmt(row['peak_rss_mib'], '.0f')} |")
     breakdown = []
     if args.layers and backends:
-        total, breakdown = layer_breakdown(arch, batch, size, ckpt, backends[0], args.layers)
-        print(f"\nslowest numres-{backends[0]} ops (median of 5 runs, {total * 1e3:.1f} ms "
-              "total):\n")
-        for label, count, seconds in breakdown:
-            print(f"- {seconds * 1e3:7.2f} ms  {count:2d}x  {label}")
+        model = numres.build(arch, weights=ckpt, backend=backends[0])
+        total, breakdown = layer_breakdown(model, x, args.layers)
+        print_layers(backends[0], total, breakdown)
     return {"model": arch, "batch": batch, "size": size, "gflop_per_image": gflop / batch,
-            "rows": rows, "notes": notes,
-            "layers": [{"op": label, "count": count, "ms": s * 1e3}
-                       for label, count, s in breakdown]}
+            "rows": rows, "layers": [{"op": label, "count": count, "ms": s * 1e3}
+                                     for label, count, s in breakdown]}
 
 
-def _write_checkpoint(arch, path, torch_mods):
-    if torch_mods:
-        torch, tv = torch_mods
-        torch.manual_seed(0)
-        torch.save(getattr(tv.models, arch)().state_dict(), path)
-    else:
-        numres.save_pth(numres.build(arch, backend="numpy").state_dict(), path)
-
-
-def _version(module):
+def version(module):
+    """``module.__version__``, or ``"not installed"``."""
     try:
         return __import__(module).__version__
     except ImportError:
         return "not installed"
 
 
-def _cpu_name():
+def cpu_name():
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -20,7 +20,7 @@ import sys
 from . import __version__, hub
 from .checkpoint import FORMAT_NAMES, read_checkpoint
 from .errors import BackendUnavailable, CheckpointError, DownloadError
-from .models.builders import ARCHS, build
+from .models.builders import ARCHS, build, fitting_architectures
 
 
 def _model_args(p, default_weights="DEFAULT"):
@@ -51,11 +51,11 @@ def _build(args):
     """The model for --arch/--weights; a checkpoint file sets num_classes (and the arch if
     --arch is not given)."""
     weights, arch, num_classes = args.weights, args.arch, 1000
-    if os.path.exists(weights) or weights.endswith((".pth", ".pt")):
+    if hub.is_local_path(weights):
         weights = read_checkpoint(weights).state_dict
         num_classes = weights["fc.weight"].shape[0] if "fc.weight" in weights else 1000
         if arch is None:
-            fits = fit_architecture(weights)
+            fits = fitting_architectures(weights)
             if not fits:
                 raise ValueError(f"{args.weights} fits no numres architecture; see "
                                  f"'numres inspect {args.weights}'")
@@ -147,21 +147,6 @@ def cmd_features(args):
     _summary(rows, skipped)
 
 
-def fit_architecture(state_dict):
-    """Builders whose parameter names and shapes match (any num_classes) -> list of names."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()
-              if not k.endswith("num_batches_tracked")}
-    fc = shapes.get("fc.weight")
-    matches = []
-    for arch in ARCHS:
-        if fc is None:
-            break
-        model = build(arch, backend="numpy", num_classes=fc[0], progress=False)
-        if {k: v.shape for k, v in model.state_dict().items()} == shapes:
-            matches.append(arch)
-    return matches
-
-
 def cmd_inspect(args):
     ckpt = read_checkpoint(args.file)
     sd = ckpt.state_dict
@@ -170,7 +155,7 @@ def cmd_inspect(args):
     dtypes = {}
     for name, dtype in ckpt.dtypes.items():
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
-    fits = fit_architecture(sd)
+    fits = fitting_architectures(sd)
     num_classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else None
     info = {"file": args.file, "format": ckpt.format, "tensors": len(sd),
             "parameters": int(n_params), "dtypes": dtypes, "architectures": fits,
@@ -207,7 +192,7 @@ def cmd_fetch(args):
 def cmd_warmup(args):
     import time
 
-    from .backends.numba_backend import warmup
+    from .backends.numba import warmup
     start = time.perf_counter()
     warmup()
     print(f"numres: CPU kernels ready ({time.perf_counter() - start:.1f} s)")

@@ -18,7 +18,6 @@ Example:
 """
 
 import functools
-import os
 
 import numpy as np
 
@@ -227,7 +226,7 @@ def _worker_threads():
 def _host_share(address, own_threads):
     from distributed import get_client
 
-    from .backends._parallel import default_threads
+    from .backends import available_cores
 
     host = address.rsplit(":", 1)[0]
     try:
@@ -236,6 +235,5 @@ def _host_share(address, own_threads):
     except Exception:          # an older scheduler API: assume this worker is alone
         threads = own_threads
     # The nanny sets OMP_NUM_THREADS=1 in workers; the host's cores are what counts here.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or default_threads())
+    cores = available_cores()
     return max(1, cores // max(1, threads))

@@ -22,12 +22,12 @@ import collections
 import concurrent.futures
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from .backends import available_cores
+from .progress import ProgressBar
 from .transforms import ImageClassification
 
 OUTPUTS = ("logits", "features")
@@ -63,7 +63,7 @@ class Failure:
 
 def default_decode_threads(cores=None):
     """Decode threads for a machine of ``cores``: a quarter of them, at least two."""
-    cores = cores or _cores()
+    cores = cores or available_cores()
     return max(2, cores // 4)
 
 
@@ -72,19 +72,11 @@ def split_threads(cores=None, decode_threads=None, compute_threads=None):
 
     The compute threads default to every core, not to the cores the decode threads leave:
     decoding a photo takes a few milliseconds and its threads mostly wait for the model, while
-    a model on fewer threads is slower all the time. Measured with whole ``numres features``
-    commands on 160 JPEGs of 500x375 (2 cores, medians of 3): ResNet-50 26.6 img/s with 1
-    decode + 1 compute thread, 39.4 with 1 + 2, 39.6 with 2 + 2; ResNet-18 61.7, 59.1 and
-    65.1 (``benchmarks/end_to_end.py`` measures the defaults beside torch)."""
-    cores = cores or _cores()
+    a model on fewer threads is slower all the time (whole ``numres features`` commands:
+    README's "Command line"; ``benchmarks/end_to_end.py`` measures the defaults beside
+    torch)."""
+    cores = cores or available_cores()
     return decode_threads or default_decode_threads(cores), compute_threads or cores
-
-
-def _cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def read_image(path, draft_size=None):
@@ -260,7 +252,7 @@ def write_arrays(model, paths, out, *, output="features", resume=False, progress
         raise ValueError(f"cannot resume {out}: the input's first {done} files differ from "
                          f"those the killed run processed ({names['partial_files']}); run "
                          "without --resume to start over")
-    bar = _Bar(len(paths), done, enabled=progress)
+    bar = image_progress(len(paths), done, enabled=progress)
     try:
         results = iter_results(model, paths[done:], output=output, **options)
         if observe is not None:
@@ -484,51 +476,8 @@ def _header_length(f, version):
     return 8 + size + n
 
 
-class _Bar:
-    """Progress with img/s and ETA on stderr when it is a terminal (tqdm's when installed)."""
-
-    def __init__(self, total, done, enabled=True):
-        self.total, self.start_done = total, done
-        self.enabled = enabled and total > 0 and sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
-        self.tqdm = None
-        if self.enabled:
-            try:
-                from tqdm import tqdm
-                self.tqdm = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, done):
-        if not self.enabled:
-            return
-        if self.tqdm is not None:
-            self.tqdm.update(done - self.tqdm.n)
-            return
-        now = time.monotonic()
-        if now - self.last < 0.2 and done < self.total:
-            return
-        self.last = now
-        rate = (done - self.start_done) / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        bar = "#" * int(30 * done / self.total)
-        sys.stderr.write(f"\r[{bar:<30}] {done}/{self.total} images {rate:6.1f} img/s "
-                         f"ETA {_clock(eta)}")
-        sys.stderr.flush()
-
-    def close(self):
-        if not self.enabled:
-            return
-        if self.tqdm is not None:
-            self.tqdm.close()
-        else:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _clock(seconds):
-    if seconds == float("inf"):
-        return "--:--"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" \
-        if seconds >= 3600 else f"{seconds // 60:02d}:{seconds % 60:02d}"
+def image_progress(total, done=0, enabled=True):
+    """The progress bar of a run over image files: img/s and ETA on stderr when it is a
+    terminal (tqdm's when installed)."""
+    return ProgressBar(total, done, unit="images", rate_unit="img/s", eta=True,
+                       tqdm_unit="img", enabled=enabled and total > 0)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .hub.registry import imagenet_categories
+from . import imagenet
 from .transforms import IMAGE_EXTENSIONS
 
 
@@ -39,7 +39,7 @@ def decode(logits, k=5, categories=None):
         raise ValueError(f"expected logits of shape (N, C), got {logits.shape}")
     n_classes = logits.shape[1]
     if categories is None:
-        categories = imagenet_categories() if n_classes == 1000 else \
+        categories = imagenet.categories() if n_classes == 1000 else \
             [f"class {i}" for i in range(n_classes)]
     if len(categories) != n_classes:
         raise ValueError(f"{len(categories)} category names for {n_classes} classes")

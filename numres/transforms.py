@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from .hub.registry import IMAGENET_MEAN, IMAGENET_STD
+from . import imagenet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -219,7 +219,7 @@ class ImageClassification:
         >>> x1 = t(rgb_uint8_array)               # (3, 224, 224)
     """
 
-    def __init__(self, crop_size=224, resize_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    def __init__(self, crop_size=224, resize_size=256, mean=imagenet.MEAN, std=imagenet.STD,
                  interpolation="bilinear"):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
@@ -290,8 +290,8 @@ class ImageClassification:
             raise ValueError(f"timm interpolation {interpolation!r:.40} is not supported; "
                              f"numres does {', '.join(INTERPOLATIONS)}")
         return cls(crop_size=height, resize_size=resize_size,
-                   mean=tuple(cfg.get("mean") or IMAGENET_MEAN),
-                   std=tuple(cfg.get("std") or IMAGENET_STD), interpolation=interpolation)
+                   mean=tuple(cfg.get("mean") or imagenet.MEAN),
+                   std=tuple(cfg.get("std") or imagenet.STD), interpolation=interpolation)
 
     def __call__(self, images):
         """One image (path, PIL image or HWC array) -> (3, h, w); a list -> (N, 3, h, w)."""

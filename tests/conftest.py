@@ -2,26 +2,22 @@
 
 import http.server
 import socketserver
-import sys
 import threading
-import types
 
 import numpy as np
 import pytest
 
 import numres
 
+from . import torch_import
+
 
 def import_torchvision():
     """(torch, torchvision) or skip with the reason."""
-    torch = pytest.importorskip("torch", reason="torch is not installed (reference checks)")
-    # torchvision's PyPI wheel is a CUDA build: beside CPU torch its meta registrations fail
-    # to import ("operator torchvision::nms does not exist"); the models do not need them.
-    sys.modules.setdefault("torchvision._meta_registrations",
-                           types.ModuleType("torchvision._meta_registrations"))
-    torchvision = pytest.importorskip("torchvision",
-                                      reason="torchvision is not installed (reference models)")
-    return torch, torchvision
+    try:
+        return torch_import.import_torchvision()
+    except ImportError as exc:
+        pytest.skip(f"torch/torchvision unusable (reference checks): {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -141,7 +141,7 @@ def test_python_dash_m_and_version():
 
 
 def test_warmup_compiles_every_kernel(capsys):
-    from numres.backends.numba_backend import kernels_cached
+    from numres.backends.numba import kernels_cached
     assert cli.main(["warmup"]) == 0
     assert "CPU kernels ready" in capsys.readouterr().out
     assert kernels_cached()

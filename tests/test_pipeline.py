@@ -332,13 +332,13 @@ def test_cli_resume_after_sigkill(tmp_path, checkpoint):
 def test_progress_bar_shows_rate_and_eta(capsys, monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     monkeypatch.setitem(sys.modules, "tqdm", None)        # the built-in bar
-    bar = pipeline._Bar(10, 0)
+    bar = pipeline.image_progress(10, 0)
     bar.update(10)
     bar.close()
     err = capsys.readouterr().err
     assert "10/10 images" in err and "img/s" in err and "ETA" in err
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
-    quiet = pipeline._Bar(10, 0)                           # not a terminal: nothing
+    quiet = pipeline.image_progress(10, 0)                 # not a terminal: nothing
     quiet.update(5)
     quiet.close()
     assert capsys.readouterr().err == ""

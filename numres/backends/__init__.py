@@ -1,7 +1,11 @@
-"""Backend registry: ``get_backend(name)`` imports a backend only when it is asked for.
+"""Backends: ``get_backend(name)`` imports a backend only when it is asked for.
 
-``"numpy"`` always works. ``"numba"`` needs Numba, ``"cupy"`` needs CuPy and a CUDA device.
-``"auto"`` (or the ``NUMRES_BACKEND`` environment variable) picks the fastest that runs here.
+``"numpy"`` always works (``numpy_backend.py``, the reference). ``"numba"`` needs Numba (the
+``numba/`` package: everything in it is Numba-only), ``"cupy"`` needs CuPy and a CUDA device
+(the ``cupy/`` package). ``"auto"`` (or the ``NUMRES_BACKEND`` environment variable) picks the
+fastest that runs here. ``_base.py`` is the boundary every backend implements and the facts
+they share, ``_workspace.py`` the buffer pool of the Numba and CuPy backends; the names other
+packages use are exported here.
 """
 
 import importlib
@@ -9,12 +13,17 @@ import os
 import threading
 
 from ..errors import BackendUnavailable
-from ._base import Backend
+from ._base import (Backend, PassOp, available_cores, batch_norm_affine, conv_output_size,
+                    conv_weight_matrix, copy_tree, default_threads, nbytes)
+
+__all__ = ["BACKEND_NAMES", "Backend", "PassOp", "available_backends", "available_cores",
+           "batch_norm_affine", "conv_output_size", "conv_weight_matrix", "copy_tree",
+           "default_threads", "get_backend", "nbytes"]
 
 # name -> (module, class); tried in this order by "auto" (fastest first)
 _REGISTRY = {
     "cupy": (".cupy_backend", "CupyBackend"),
-    "numba": (".numba_backend", "NumbaBackend"),
+    "numba": (".numba", "NumbaBackend"),
     "numpy": (".numpy_backend", "NumpyBackend"),
 }
 BACKEND_NAMES = tuple(_REGISTRY)

@@ -1,18 +1,27 @@
-"""The backend boundary: the handful of array operations a ResNet needs.
+"""The backend boundary: the handful of array operations a ResNet needs, and the facts every
+backend shares (output sizes, batch-norm folding, the GEMM weight layout, thread counts).
 
 Models call only these methods. A backend chooses its own activation layout and array type
 (NumPy NCHW, NumPy NHWC, CuPy ...); activations are opaque to the model between calls.
 Weights arrive as float32 NumPy arrays once, through the ``prepare_*`` methods, and the
-backend keeps them in whatever form suits it.
+backend keeps them in whatever form suits it. Public names are re-exported by
+:mod:`numres.backends`; import them from there.
 """
 
 import abc
 import contextlib
+import functools
 import math
-import sys
+import os
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+#: The operations :meth:`Backend.observe` reports, as models call them.
+OBSERVED_OPS = ("from_nchw", "to_nchw", "conv2d", "conv2d_max_pool", "batch_norm", "max_pool2d",
+                "global_avg_pool", "linear")
 
 
 class Backend(abc.ABC):
@@ -20,6 +29,19 @@ class Backend(abc.ABC):
 
     #: Name used in ``backend=`` arguments.
     name = "base"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in OBSERVED_OPS:             # each backend's ops report to observe()
+            method = cls.__dict__.get(name)
+            if method is not None and not hasattr(method, "observed_op"):
+                setattr(cls, name, _observable(name, method))
+
+    #: Whether ``prepare_*`` keeps copies of the arrays it is given (folded, packed, on a
+    #: device), so that the caller's arrays (a checkpoint file's pages) are no longer needed
+    #: once a model has prepared its weights. False where it may keep views of them (the
+    #: NumPy backend's unfolded batch norm).
+    copies_weights = True
 
     # -- data movement ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -90,6 +112,33 @@ class Backend(abc.ABC):
     def synchronize(self):
         """Wait for queued device work (a no-op on the CPU)."""
 
+    # -- observing (per-layer timing) ------------------------------------------------------
+    _observer = None
+
+    @property
+    def observing(self):
+        """Whether :meth:`observe` is active: passes then run op by op (no replay)."""
+        return self._observer is not None
+
+    @contextlib.contextmanager
+    def observe(self, callback):
+        """Context manager: report every op this backend runs meanwhile (in any thread) as
+        ``callback(op, args, kwargs, seconds)``, ``op`` one of :data:`OBSERVED_OPS` and
+        ``seconds`` its wall time between device synchronisations. Ops an op calls itself
+        (``conv2d_max_pool`` made of ``conv2d`` and ``max_pool2d``) are not reported apart.
+        Recorded or captured passes are not replayed while observed, so that every op runs.
+
+        Raises:
+            RuntimeError: already observed.
+        """
+        if self._observer is not None:
+            raise RuntimeError("this backend is already being observed")
+        self._observer = (callback, threading.local())
+        try:
+            yield self
+        finally:
+            self._observer = None
+
     # -- memory (``numres.models.memory`` walks a pass and asks these) ---------------------
     #: Where "alloc" events (:meth:`memory_events`) come from: ``"malloc"`` (NumPy arrays,
     #: freed when the last reference goes) or ``"pool"`` (``_workspace.Workspace``: kept, and
@@ -148,9 +197,119 @@ class Backend(abc.ABC):
         return contextlib.nullcontext()
 
 
+def _observable(name, method):
+    """``method`` reporting to :meth:`Backend.observe` while it is active (one attribute test
+    otherwise)."""
+    @functools.wraps(method)
+    def op(self, *args, **kwargs):
+        observer = self._observer
+        if observer is None:
+            return method(self, *args, **kwargs)
+        callback, local = observer
+        if getattr(local, "inside", False):
+            return method(self, *args, **kwargs)
+        local.inside = True
+        try:
+            self.synchronize()
+            start = time.perf_counter()
+            result = method(self, *args, **kwargs)
+            self.synchronize()
+            seconds = time.perf_counter() - start
+        finally:
+            local.inside = False
+        callback(name, args, kwargs, seconds)
+        return result
+    op.observed_op = name
+    return op
+
+
 def conv_output_size(size, kernel, stride, padding):
-    """Floor-mode output length, as torch computes it."""
+    """Floor-mode output length of a convolution or pooling window, as torch computes it.
+
+    Args:
+        size: input length (height or width).
+        kernel, stride, padding: the window's geometry along that axis.
+
+    Returns:
+        int: the output length.
+
+    Example:
+        >>> conv_output_size(224, 7, 2, 3)
+        112
+    """
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def batch_norm_affine(mean, var, weight, bias, eps):
+    """Inference batch norm as ``y = x * scale + shift``, computed in float64.
+
+    The one place the folding is written: models fold it into convolution weights
+    (``W * scale``, bias ``shift``), backends apply it unfolded.
+
+    Args:
+        mean, var, weight, bias: per-channel running statistics and affine parameters.
+        eps: added to the variance.
+
+    Returns:
+        ``(scale, shift)`` float64 arrays.
+    """
+    scale = np.asarray(weight, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+    shift = np.asarray(bias, np.float64) - np.asarray(mean, np.float64) * scale
+    return scale, shift
+
+
+def conv_weight_matrix(weight, groups=1):
+    """Convolution weights as GEMM operands whose rows follow an NHWC im2col's (ky, kx, c)
+    order.
+
+    Args:
+        weight: (O, C/groups, kh, kw) array (NumPy, or any array with ``reshape`` and
+            ``transpose``).
+        groups: channel groups.
+
+    Returns:
+        ``(kh * kw * C, O)`` for one group; ``(G, kh * kw * C/G, O/G)`` per group.
+    """
+    o, cg, kh, kw = weight.shape
+    if groups == 1:
+        # (O, C, kh, kw) -> (kh, kw, C, O)
+        return weight.transpose(2, 3, 1, 0).reshape(kh * kw * cg, o)
+    # (G, O/G, Cg, kh, kw) -> (G, kh, kw, Cg, O/G)
+    w = weight.reshape(groups, o // groups, cg, kh, kw).transpose(0, 3, 4, 2, 1)
+    return w.reshape(groups, kh * kw * cg, o // groups)
+
+
+def available_cores():
+    """CPUs this process may run on (its affinity where the OS tells, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads():
+    """Threads a CPU backend uses by default: ``NUMRES_NUM_THREADS``, else
+    ``OMP_NUM_THREADS``, else :func:`available_cores`.
+
+    Raises:
+        ValueError: one of the variables is set but not an integer.
+    """
+    for var in ("NUMRES_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var)
+        if value:
+            try:
+                return max(1, int(value.split(",")[0]))
+            except ValueError:
+                raise ValueError(f"{var} must be an integer, got {value!r}") from None
+    return available_cores()
+
+
+def copy_tree(out):
+    """Copies of a pass's results, an array or a dict of them (what a recorded or captured
+    pass hands out: its own buffers are overwritten by the next replay)."""
+    if isinstance(out, dict):
+        return {k: v.copy() for k, v in out.items()}
+    return out.copy()
 
 
 @dataclass(frozen=True)
@@ -215,11 +374,6 @@ def _renamed(events, prefix, out):
 
 
 def workspace_free_sizes(workspace):
-    """Sizes of the buffers in the calling thread's ``_workspace.Workspace`` pool that nothing
-    but the pool refers to (what the next pass may reuse). Reads the pool's private lists:
-    both live in this package."""
-    from ._workspace import _FREE
-    local = workspace._local
-    buffers, sizes = getattr(local, "buffers", ()), getattr(local, "sizes", ())
-    # The pool's own test, word for word: the list and the argument are the references.
-    return [sizes[i] for i in range(len(buffers)) if sys.getrefcount(buffers[i]) == _FREE]
+    """Sizes of the free buffers in the calling thread's ``_workspace.Workspace`` pool
+    (:meth:`~numres.backends._workspace.Workspace.free_sizes`)."""
+    return workspace.free_sizes()

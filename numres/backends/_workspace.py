@@ -104,13 +104,16 @@ class Workspace:
         return buf[start:start + size].view(dtype).reshape(shape)
 
     def owner_ids(self):
-        """ids of the memory blocks this thread's pool hands out views of (``_replay.py``)."""
+        """ids of the memory blocks this thread's pool hands out views of (the Numba
+        backend's recorded passes)."""
         return {id(buf) for buf in getattr(self._local, "buffers", ())}
 
-    def clear(self):
-        """Drop this thread's buffers."""
-        for name in ("buffers", "sizes", "starts"):
-            self._local.__dict__.pop(name, None)
+    def free_sizes(self):
+        """Sizes of the buffers in this thread's pool that nothing but the pool refers to
+        (what the next pass may reuse): the test :meth:`get` makes."""
+        local = self._local
+        buffers, sizes = getattr(local, "buffers", ()), getattr(local, "sizes", ())
+        return [sizes[i] for i in range(len(buffers)) if sys.getrefcount(buffers[i]) == _FREE]
 
 
 _scratch = threading.local()

@@ -270,13 +270,18 @@ def read_legacy(buf, source, budget):
     if pos != len(buf):
         raise CheckpointError(f"{source}: {len(buf) - pos} unexpected bytes after the storages")
 
+    return obj, _resolver(buf, roots, offsets, "<")
+
+
+def _resolver(buf, roots, data_at, order):
+    """``resolve(ref)`` of the legacy and TAR formats: a storage's elements at its data
+    offset (``data_at``, by key), a view's (``ref.view_of``) as a slice of its root's."""
     def resolve(ref):
         if ref.view_of is None:
-            return _storage_array(buf, offsets[ref.key], ref.stype, ref.numel, "<")
+            return _storage_array(buf, data_at[ref.key], ref.stype, ref.numel, order)
         root_key, offset = ref.view_of
         return resolve(roots[root_key])[offset:offset + ref.numel]
-
-    return obj, resolve
+    return resolve
 
 
 def _sys_info_order(sys_info, source):
@@ -343,13 +348,7 @@ def read_tar(buf, source, budget):
     start, end = members["pickle"]
     obj, _ = _unpickle(buf, start, end, persistent_load, f"{source}: pickle", budget)
 
-    def resolve(ref):
-        if ref.view_of is None:
-            return _storage_array(buf, data_at[ref.key], ref.stype, ref.numel, order)
-        root_key, offset = ref.view_of
-        return resolve(storages[root_key])[offset:offset + ref.numel]
-
-    return obj, resolve
+    return obj, _resolver(buf, storages, data_at, order)
 
 
 TAR_BLOCK = 512

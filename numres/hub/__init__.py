@@ -9,14 +9,14 @@ from ..checkpoint import load_pth
 from . import hf
 from .download import (UnverifiedDownloadWarning, cache_dir, cached_file, download, mirrored,
                        torch_cache_dir)
-from .hf import HubWeights, from_hub, hub_weights, is_hub_spec
+from .hf import HubWeights, hub_weights, is_hub_spec
 from .registry import (REGISTRY, Weights, WeightsEnum, get_weights, hash_prefix,
                        imagenet_categories)
 
 __all__ = ["REGISTRY", "HubWeights", "UnverifiedDownloadWarning", "Weights", "WeightsEnum",
-           "cache_dir", "cached_file",
-           "download", "from_hub", "get_weights", "hash_prefix", "imagenet_categories",
-           "mirrored", "resolve", "torch_cache_dir", "fetch_state_dict"]
+           "cache_dir", "cached_file", "download", "fetch_state_dict", "get_weights",
+           "hash_prefix", "imagenet_categories", "is_local_path", "mirrored", "resolve",
+           "torch_cache_dir"]
 
 # Names that can only mean a local file (the registry's tags never end like this).
 LOCAL_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -59,19 +59,38 @@ def resolve(arch, pretrained=False, weights=None):
         return hub_weights(arch, weights)
     if weights.startswith(("http://", "https://")):
         return weights
-    if os.path.exists(weights) or os.sep in weights or weights.endswith(LOCAL_SUFFIXES):
+    if is_local_path(weights):
         if not os.path.exists(weights):
             raise FileNotFoundError(f"weights file not found: {weights}")
         return weights
     return get_weights(arch, weights)
 
 
-def fetch_state_dict(source, progress=True):
-    """Load the state dict for what :func:`resolve` returned (downloading if needed)."""
+def is_local_path(weights):
+    """Whether a ``weights=`` string names a local file: not a URL or Hub spec, and it
+    exists, has a folder in it, or ends like a checkpoint file (the registry's tags never
+    do)."""
+    if weights.startswith(("http://", "https://")) or is_hub_spec(weights):
+        return False
+    return os.path.exists(weights) or os.sep in weights or weights.endswith(LOCAL_SUFFIXES)
+
+
+def fetch_state_dict(source, progress=True, check=None):
+    """Load the state dict for what :func:`resolve` returned (downloading if needed).
+
+    Args:
+        source: :func:`resolve`'s result (not None).
+        progress: progress bar on stderr while downloading (terminals only).
+        check: ``state_dict -> list of problems``, applied to Hub weights before they are
+            returned (:func:`numres.hub.hf.load_state_dict`).
+
+    Returns:
+        dict name -> array.
+    """
     if isinstance(source, Mapping):
         return source
     if isinstance(source, HubWeights):
-        return hf.load_state_dict(source, progress=progress)
+        return hf.load_state_dict(source, progress=progress, check=check)
     if isinstance(source, Weights):
         return load_pth(cached_file(source.url, progress=progress))
     if source.startswith(("http://", "https://")):

@@ -40,6 +40,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import DownloadError
+from ..progress import ProgressBar
 from .registry import OFFICIAL_BASE, hash_prefix
 
 try:
@@ -325,7 +326,8 @@ def _read_body(raw, out, total, name, progress, limits):
     # urllib3 1.x has only read(), which waits for a whole chunk.
     read = getattr(raw, "read1", raw.read)
     sha = hashlib.sha256()
-    bar = _Progress(name, total, progress)
+    bar = ProgressBar(total, label=f"Downloading {name}: ", unit="MB", rate_unit="MB/s",
+                      scale=1e6, interval=0.1, enabled=progress)
     got = 0  # bytes received on the wire (what Content-Length counts)
     try:
         while True:
@@ -508,38 +510,3 @@ def _remove_stale_partials(dst):
             if pattern.fullmatch(entry.name):
                 with contextlib.suppress(OSError):
                     os.remove(entry.path)
-
-
-class _Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, name, total, enabled):
-        self.name, self.total = name, total
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
-        self.done = 0
-
-    def update(self, done):
-        self.done = done
-        now = time.monotonic()
-        if self.enabled and now - self.last >= 0.1:
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now):
-        mb = self.done / 1e6
-        rate = mb / max(now - self.start, 1e-6)
-        if self.total:
-            frac = self.done / self.total
-            bar = "#" * int(30 * frac)
-            text = f"{frac:4.0%} [{bar:<30}] {mb:.1f}/{self.total / 1e6:.1f} MB"
-        else:
-            text = f"{mb:.1f} MB"
-        sys.stderr.write(f"\rDownloading {self.name}: {text} {rate:.1f} MB/s")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.enabled:
-            self._draw(time.monotonic())
-            sys.stderr.write("\n")
-            sys.stderr.flush()

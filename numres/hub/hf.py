@@ -37,13 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlparse
 
+from .. import imagenet
 from ..checkpoint import read_checkpoint
 from ..errors import CheckpointError, DownloadError
+from ..transforms import ImageClassification
 from . import download as _download
-from .registry import Weights, imagenet_categories
+from .registry import Weights
 
-__all__ = ["HubWeights", "from_hub", "hub_cache", "hub_file", "hub_weights", "is_hub_spec",
-           "parse_spec"]
+__all__ = ["HubWeights", "hub_cache", "hub_file", "hub_weights", "is_hub_spec", "parse_spec",
+           "repo_architecture"]
 
 PREFIXES = ("hf-hub:", "hf_hub:")
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -493,7 +495,7 @@ def _categories(config, pretrained_cfg, num_classes):
                 break                   # WordNet ids: ImageNet's readable names instead
             return tuple(labels)
     if num_classes == 1000:
-        return imagenet_categories()
+        return imagenet.categories()
     return tuple(str(i) for i in range(num_classes))
 
 
@@ -543,7 +545,6 @@ class HubWeights(Weights):
         Raises:
             ValueError: a preprocessing numres does not reproduce (non-square input...).
         """
-        from ..transforms import ImageClassification
         return ImageClassification.from_timm_config(self.pretrained_cfg, use_test_size)
 
 
@@ -556,7 +557,6 @@ def hub_weights(arch, spec):
     """
     repo_id, revision = parse_spec(spec)
     config, pretrained_cfg, num_classes = load_config(repo_id, revision)
-    from ..transforms import ImageClassification
     try:
         preset = ImageClassification.from_timm_config(pretrained_cfg)
         crop_size, resize_size = preset.crop_size, preset.resize_size
@@ -592,16 +592,21 @@ def weights_file(repo_id, revision="main", progress=True):
                         f"could be found: " + " | ".join(missing))
 
 
-def load_state_dict(weights, progress=True):
+def load_state_dict(weights, progress=True, check=None):
     """Fetch and read the weights of a :class:`HubWeights`, checked against its builder.
+
+    Args:
+        weights: from :func:`hub_weights`.
+        progress: progress bar on stderr while downloading (terminals only).
+        check: ``state_dict -> list of problems`` (the builder's architecture check,
+            ``numres.models.builders.architecture_problems``); None: no check.
 
     Returns:
         dict name -> array (views of the cached file where possible).
 
     Raises:
         DownloadError: as :func:`weights_file`.
-        CheckpointError: the file is damaged, or its keys or shapes do not fit
-            ``weights.arch`` with the repo's ``num_classes`` (every offending key is listed,
+        CheckpointError: the file is damaged, or ``check`` found problems (each is listed,
             and the message names the repo and what its config.json says).
     """
     path, name = weights_file(weights.repo_id, weights.revision, progress)
@@ -610,79 +615,21 @@ def load_state_dict(weights, progress=True):
         state_dict = read_checkpoint(path).state_dict
     except CheckpointError as exc:
         raise CheckpointError(f"hf-hub:{weights.repo_id} ({url}): {exc}") from None
-    _check_fits(state_dict, weights, url)
-    return state_dict
-
-
-def _check_fits(state_dict, weights, url):
-    """Every key and shape of ``weights.arch`` with the repo's ``num_classes``, strictly (the
-    builder later loads only the backbone when asked for another ``num_classes``)."""
-    import numpy as np
-
-    from ..models._modules import IGNORED_SUFFIXES
-    from ..models.builders import ARCHS
-    from ..models.resnet import ResNet
-
-    block, layers, groups, width = ARCHS[weights.arch]
-    # The shapes of a model's own parameters; np.zeros memory is never touched here.
-    own = {name: value.shape for name, value in ResNet(
-        block, layers, num_classes=len(weights.labels), groups=groups, width_per_group=width,
-        backend="numpy").state_dict().items()}
-    given = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
-    problems = []
-    wrong = [f"{k}: checkpoint {tuple(np.shape(v))}, model {own[k]}" for k, v in given.items()
-             if k in own and tuple(np.shape(v)) != own[k]]
-    if wrong:
-        problems.append("shape mismatch for " + "; ".join(wrong))
-    missing = [k for k in own if k not in given]
-    if missing:
-        problems.append("missing keys: " + ", ".join(missing))
-    unexpected = [k for k in given if k not in own]
-    if unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
-    not_float = [k for k, v in given.items()
-                 if k in own and not np.issubdtype(np.asarray(v).dtype, np.floating)]
-    if not_float:
-        problems.append("not floating-point: " + ", ".join(not_float))
+    problems = check(state_dict) if check is not None else []
     if problems:
         said = (f"config.json: architecture {weights.config_arch!r}, "
                 f"num_classes {len(weights.labels)}")
         raise CheckpointError(f"hf-hub:{weights.repo_id} ({said}) does not fit numres's "
                               f"{weights.arch}; {url}: " + " | ".join(problems))
+    return state_dict
 
 
-def from_hub(spec, *, num_classes=None, backend="auto", progress=True, fold_bn=True):
-    """Build the model a timm repo's ``config.json`` names, with the repo's weights.
-
-    Args:
-        spec: ``"hf-hub:org/name[@revision]"``, e.g. ``"hf-hub:timm/resnet50.a1_in1k"``.
-        num_classes: classifier size; default the repo's (another value keeps the backbone
-            and initialises ``fc``, as for registry weights).
-        backend, progress, fold_bn: as for the builders.
-
-    Returns:
-        :class:`numres.models.ResNet`; ``model.weights.transforms()`` is the repo's
-        preprocessing, ``model.weights.categories`` its class names.
+def repo_architecture(spec):
+    """What a repo's ``config.json`` says it holds: ``(repo_id, architecture, num_classes)``.
 
     Raises:
-        CheckpointError: the config names an architecture numres does not build, or the
-            weights do not fit it (keys listed).
-        DownloadError: the repo's files could not be fetched (or, offline, are not cached).
-
-    Example:
-        >>> model = numres.from_hub("hf-hub:timm/resnet50.a1_in1k")
-        >>> x = model.weights.transforms()("cat.jpg")[None]
-        >>> numres.decode(model(x), model.weights.categories)
+        ValueError: a malformed spec. DownloadError, CheckpointError: as :func:`load_config`.
     """
-    from ..models.builders import ARCHS, build
-
     repo_id, revision = parse_spec(spec)
-    config, _, repo_classes = load_config(repo_id, revision)
-    arch = config["architecture"]
-    if arch not in ARCHS:
-        raise CheckpointError(f"hf-hub:{repo_id}: config.json names architecture {arch!r:.60}, "
-                              f"which numres does not build (it builds {', '.join(ARCHS)}); "
-                              "to try its weights on one of those, call that builder with "
-                              f"weights={spec!r}")
-    return build(arch, weights=spec, num_classes=num_classes or repo_classes, backend=backend,
-                 progress=progress, fold_bn=fold_bn)
+    config, _, num_classes = load_config(repo_id, revision)
+    return repo_id, config["architecture"], num_classes

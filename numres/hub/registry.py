@@ -6,27 +6,21 @@ name are the first digits of the file's sha256; downloads are verified against t
 """
 
 import enum
-import functools
 import re
 from dataclasses import dataclass
-from importlib import resources
+
+from .. import imagenet
+from ..transforms import ImageClassification
 
 OFFICIAL_BASE = "https://download.pytorch.org/models"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HASH_REGEX = re.compile(r"-([a-f0-9]{8,})\.")
 
 _V1_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification"
 _V2_RECIPE = "https://github.com/pytorch/vision/issues/3995"
 
 
-@functools.lru_cache(maxsize=1)
-def imagenet_categories():
-    """The 1000 ImageNet-1k class names, in logit order (torchvision's list)."""
-    text = resources.files(__package__).joinpath("imagenet_categories.txt").read_text("utf-8")
-    names = text.splitlines()
-    assert len(names) == 1000, "imagenet_categories.txt must hold 1000 lines"
-    return tuple(names)
+#: The 1000 ImageNet-1k class names (:func:`numres.imagenet.categories`).
+imagenet_categories = imagenet.categories
 
 
 def hash_prefix(file_name):
@@ -70,7 +64,7 @@ class Weights:
 
     @property
     def categories(self):
-        return imagenet_categories()
+        return imagenet.categories()
 
     @property
     def meta(self):
@@ -82,57 +76,68 @@ class Weights:
 
     def transforms(self):
         """The evaluation preprocessing these weights expect (see :mod:`numres.transforms`)."""
-        from ..transforms import ImageClassification
         return ImageClassification(crop_size=self.crop_size, resize_size=self.resize_size,
-                                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                                   mean=imagenet.MEAN, std=imagenet.STD)
 
 
-def _w(arch, tag, file_name, acc1, acc5, params, gflops, size_mb, resize, recipe):
-    return Weights(arch, tag, file_name, acc1, acc5, params, gflops, size_mb, resize, recipe)
-
-
-_TABLE = [
-    # arch, tag, file, acc@1, acc@5, params, GFLOPS, MB, resize, recipe
-    ("resnet18", "IMAGENET1K_V1", "resnet18-f37072fd.pth", 69.758, 89.078, 11689512, 1.814,
-     44.661, 256, _V1_RECIPE + "#resnet"),
-    ("resnet34", "IMAGENET1K_V1", "resnet34-b627a593.pth", 73.314, 91.42, 21797672, 3.664,
-     83.275, 256, _V1_RECIPE + "#resnet"),
-    ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth", 76.13, 92.862, 25557032, 4.089,
-     97.781, 256, _V1_RECIPE + "#resnet"),
-    ("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth", 80.858, 95.434, 25557032, 4.089,
-     97.79, 232, _V2_RECIPE + "#issuecomment-1013906621"),
-    ("resnet101", "IMAGENET1K_V1", "resnet101-63fe2227.pth", 77.374, 93.546, 44549160, 7.801,
-     170.511, 256, _V1_RECIPE + "#resnet"),
-    ("resnet101", "IMAGENET1K_V2", "resnet101-cd907fc2.pth", 81.886, 95.78, 44549160, 7.801,
-     170.53, 232, _V2_RECIPE + "#new-recipe"),
-    ("resnet152", "IMAGENET1K_V1", "resnet152-394f9c45.pth", 78.312, 94.046, 60192808,
-     11.514, 230.434, 256, _V1_RECIPE + "#resnet"),
-    ("resnet152", "IMAGENET1K_V2", "resnet152-f82ba261.pth", 82.284, 96.002, 60192808,
-     11.514, 230.474, 232, _V2_RECIPE + "#new-recipe"),
-    ("resnext50_32x4d", "IMAGENET1K_V1", "resnext50_32x4d-7cdf4587.pth", 77.618, 93.698,
-     25028904, 4.23, 95.789, 256, _V1_RECIPE + "#resnext"),
-    ("resnext50_32x4d", "IMAGENET1K_V2", "resnext50_32x4d-1a0047aa.pth", 81.198, 95.34,
-     25028904, 4.23, 95.833, 232, _V2_RECIPE + "#new-recipe"),
-    ("resnext101_32x8d", "IMAGENET1K_V1", "resnext101_32x8d-8ba56ff5.pth", 79.312, 94.526,
-     88791336, 16.414, 339.586, 256, _V1_RECIPE + "#resnext"),
-    ("resnext101_32x8d", "IMAGENET1K_V2", "resnext101_32x8d-110c445d.pth", 82.834, 96.228,
-     88791336, 16.414, 339.673, 232, _V2_RECIPE + "#new-recipe-with-fixres"),
-    ("resnext101_64x4d", "IMAGENET1K_V1", "resnext101_64x4d-173b62eb.pth", 83.246, 96.454,
-     83455272, 15.46, 319.318, 232, "https://github.com/pytorch/vision/pull/5935"),
-    ("wide_resnet50_2", "IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth", 78.468, 94.086,
-     68883240, 11.398, 131.82, 256, "https://github.com/pytorch/vision/pull/912"),
-    ("wide_resnet50_2", "IMAGENET1K_V2", "wide_resnet50_2-9ba9bcbe.pth", 81.602, 95.758,
-     68883240, 11.398, 263.124, 232, _V2_RECIPE + "#new-recipe-with-fixres"),
-    ("wide_resnet101_2", "IMAGENET1K_V1", "wide_resnet101_2-32ee1156.pth", 78.848, 94.284,
-     126886696, 22.753, 242.896, 256, "https://github.com/pytorch/vision/pull/912"),
-    ("wide_resnet101_2", "IMAGENET1K_V2", "wide_resnet101_2-d733dc28.pth", 82.51, 96.02,
-     126886696, 22.753, 484.747, 232, _V2_RECIPE + "#new-recipe"),
-]
+_WEIGHTS = (
+    Weights("resnet18", "IMAGENET1K_V1", "resnet18-f37072fd.pth",
+            acc1=69.758, acc5=89.078, num_params=11689512, gflops=1.814, file_size_mb=44.661,
+            resize_size=256, recipe=_V1_RECIPE + "#resnet"),
+    Weights("resnet34", "IMAGENET1K_V1", "resnet34-b627a593.pth",
+            acc1=73.314, acc5=91.42, num_params=21797672, gflops=3.664, file_size_mb=83.275,
+            resize_size=256, recipe=_V1_RECIPE + "#resnet"),
+    Weights("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth",
+            acc1=76.13, acc5=92.862, num_params=25557032, gflops=4.089, file_size_mb=97.781,
+            resize_size=256, recipe=_V1_RECIPE + "#resnet"),
+    Weights("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth",
+            acc1=80.858, acc5=95.434, num_params=25557032, gflops=4.089, file_size_mb=97.79,
+            resize_size=232, recipe=_V2_RECIPE + "#issuecomment-1013906621"),
+    Weights("resnet101", "IMAGENET1K_V1", "resnet101-63fe2227.pth",
+            acc1=77.374, acc5=93.546, num_params=44549160, gflops=7.801, file_size_mb=170.511,
+            resize_size=256, recipe=_V1_RECIPE + "#resnet"),
+    Weights("resnet101", "IMAGENET1K_V2", "resnet101-cd907fc2.pth",
+            acc1=81.886, acc5=95.78, num_params=44549160, gflops=7.801, file_size_mb=170.53,
+            resize_size=232, recipe=_V2_RECIPE + "#new-recipe"),
+    Weights("resnet152", "IMAGENET1K_V1", "resnet152-394f9c45.pth",
+            acc1=78.312, acc5=94.046, num_params=60192808, gflops=11.514, file_size_mb=230.434,
+            resize_size=256, recipe=_V1_RECIPE + "#resnet"),
+    Weights("resnet152", "IMAGENET1K_V2", "resnet152-f82ba261.pth",
+            acc1=82.284, acc5=96.002, num_params=60192808, gflops=11.514, file_size_mb=230.474,
+            resize_size=232, recipe=_V2_RECIPE + "#new-recipe"),
+    Weights("resnext50_32x4d", "IMAGENET1K_V1", "resnext50_32x4d-7cdf4587.pth",
+            acc1=77.618, acc5=93.698, num_params=25028904, gflops=4.23, file_size_mb=95.789,
+            resize_size=256, recipe=_V1_RECIPE + "#resnext"),
+    Weights("resnext50_32x4d", "IMAGENET1K_V2", "resnext50_32x4d-1a0047aa.pth",
+            acc1=81.198, acc5=95.34, num_params=25028904, gflops=4.23, file_size_mb=95.833,
+            resize_size=232, recipe=_V2_RECIPE + "#new-recipe"),
+    Weights("resnext101_32x8d", "IMAGENET1K_V1", "resnext101_32x8d-8ba56ff5.pth",
+            acc1=79.312, acc5=94.526, num_params=88791336, gflops=16.414, file_size_mb=339.586,
+            resize_size=256, recipe=_V1_RECIPE + "#resnext"),
+    Weights("resnext101_32x8d", "IMAGENET1K_V2", "resnext101_32x8d-110c445d.pth",
+            acc1=82.834, acc5=96.228, num_params=88791336, gflops=16.414, file_size_mb=339.673,
+            resize_size=232, recipe=_V2_RECIPE + "#new-recipe-with-fixres"),
+    Weights("resnext101_64x4d", "IMAGENET1K_V1", "resnext101_64x4d-173b62eb.pth",
+            acc1=83.246, acc5=96.454, num_params=83455272, gflops=15.46, file_size_mb=319.318,
+            resize_size=232, recipe="https://github.com/pytorch/vision/pull/5935"),
+    Weights("wide_resnet50_2", "IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth",
+            acc1=78.468, acc5=94.086, num_params=68883240, gflops=11.398, file_size_mb=131.82,
+            resize_size=256, recipe="https://github.com/pytorch/vision/pull/912"),
+    Weights("wide_resnet50_2", "IMAGENET1K_V2", "wide_resnet50_2-9ba9bcbe.pth",
+            acc1=81.602, acc5=95.758, num_params=68883240, gflops=11.398, file_size_mb=263.124,
+            resize_size=232, recipe=_V2_RECIPE + "#new-recipe-with-fixres"),
+    Weights("wide_resnet101_2", "IMAGENET1K_V1", "wide_resnet101_2-32ee1156.pth",
+            acc1=78.848, acc5=94.284, num_params=126886696, gflops=22.753, file_size_mb=242.896,
+            resize_size=256, recipe="https://github.com/pytorch/vision/pull/912"),
+    Weights("wide_resnet101_2", "IMAGENET1K_V2", "wide_resnet101_2-d733dc28.pth",
+            acc1=82.51, acc5=96.02, num_params=126886696, gflops=22.753, file_size_mb=484.747,
+            resize_size=232, recipe=_V2_RECIPE + "#new-recipe"),
+)
 
 #: arch -> {tag: Weights}
 REGISTRY = {}
-for _row in _TABLE:
-    REGISTRY.setdefault(_row[0], {})[_row[1]] = _w(*_row)
+for _weights in _WEIGHTS:
+    REGISTRY.setdefault(_weights.arch, {})[_weights.tag] = _weights
 
 #: The tag torchvision's ``DEFAULT`` points at: the best weights for each architecture.
 DEFAULT_TAGS = {arch: ("IMAGENET1K_V2" if "IMAGENET1K_V2" in tags else "IMAGENET1K_V1")

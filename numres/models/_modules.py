@@ -7,6 +7,7 @@ framework-free.
 
 import numpy as np
 
+from ..backends import batch_norm_affine
 from ..errors import CheckpointError
 
 
@@ -106,11 +107,11 @@ class BatchNorm2d(Module):
             running_var=np.ones(channels, np.float32))
 
     def scale_shift(self):
-        """The affine form ``y = x * scale + shift``, computed in float64 then rounded."""
-        p = {k: v.astype(np.float64) for k, v in self.params.items()}
-        scale = p["weight"] / np.sqrt(p["running_var"] + self.eps)
-        shift = p["bias"] - p["running_mean"] * scale
-        return scale, shift
+        """The affine form ``y = x * scale + shift`` (float64): see
+        :func:`numres.backends.batch_norm_affine`."""
+        p = self.params
+        return batch_norm_affine(p["running_mean"], p["running_var"], p["weight"], p["bias"],
+                                 self.eps)
 
     def extra_repr(self):
         return f"{self.channels}, eps={self.eps}"
@@ -133,30 +134,54 @@ class Linear(Module):
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
+def state_dict_problems(shapes, state_dict, strict=True):
+    """What keeps ``state_dict`` from loading into parameters of ``shapes``.
+
+    Args:
+        shapes: name -> shape of the parameters to fill.
+        state_dict: name -> array; :data:`IGNORED_SUFFIXES` entries are ignored.
+        strict: missing and unexpected keys are problems too.
+
+    Returns:
+        list of messages: shape mismatches, missing keys, unexpected keys, tensors that are
+        not floating-point; empty when it fits.
+    """
+    given = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
+    problems = []
+    wrong = [f"{k}: checkpoint {tuple(np.shape(given[k]))}, model {tuple(shape)}"
+             for k, shape in shapes.items()
+             if k in given and tuple(np.shape(given[k])) != tuple(shape)]
+    if wrong:
+        problems.append("shape mismatch for " + "; ".join(wrong))
+    missing = [k for k in shapes if k not in given]
+    if strict and missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    unexpected = [k for k in given if k not in shapes]
+    if strict and unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    not_float = [k for k in shapes if k in given and not _is_float_array(given[k])]
+    if not_float:
+        problems.append("not floating-point: " + ", ".join(not_float))
+    return problems
+
+
 def load_state_dict(module, state_dict, strict=True):
     """Copy arrays from ``state_dict`` into ``module``'s parameters, checking names and shapes.
 
-    Returns ``(missing, unexpected)`` key lists (both empty when ``strict``; otherwise a
-    mismatch raises :class:`CheckpointError` listing every offending key).
+    Returns:
+        ``(missing, unexpected)`` key lists (both empty when ``strict``).
+
+    Raises:
+        CheckpointError: a mismatch (:func:`state_dict_problems`), listing every offending
+            key.
     """
     own = module.state_dict()
+    problems = state_dict_problems({k: v.shape for k, v in own.items()}, state_dict, strict)
+    if problems:
+        raise CheckpointError("state dict does not fit the model: " + " | ".join(problems))
     given = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
     missing = [k for k in own if k not in given]
     unexpected = [k for k in given if k not in own]
-    wrong = [f"{k}: checkpoint {tuple(np.shape(given[k]))}, model {own[k].shape}"
-             for k in own if k in given and tuple(np.shape(given[k])) != own[k].shape]
-    problems = []
-    if wrong:
-        problems.append("shape mismatch for " + "; ".join(wrong))
-    if strict and missing:
-        problems.append("missing keys: " + ", ".join(missing))
-    if strict and unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
-    if problems:
-        raise CheckpointError("state dict does not fit the model: " + " | ".join(problems))
-    bad_dtype = [k for k in own if k in given and not _is_float_array(given[k])]
-    if bad_dtype:
-        raise CheckpointError("expected floating-point tensors for: " + ", ".join(bad_dtype))
     for prefix, sub in module.named_modules():
         for name in sub.params:
             if prefix + name in given:

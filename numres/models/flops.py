@@ -1,6 +1,6 @@
 """Multiply-accumulate counts, for benchmarks' GFLOP/s figures (torchvision's GFLOPS = GMAC)."""
 
-from ..backends._base import conv_output_size
+from ..backends import conv_output_size
 from .builders import ARCHS
 from .resnet import ResNet
 

@@ -41,7 +41,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from ..backends._base import Backend, PassOp, conv_output_size, nbytes
+from ..backends import Backend, PassOp, conv_output_size, nbytes
 
 #: Share of the detected free memory a pass may use (the rest: other allocations meanwhile,
 #: the allocator's own overhead, and estimates being estimates).
@@ -53,7 +53,7 @@ TTL = 1.0
 # A cgroup v1 "no limit" is the largest page-aligned int64; anything this large is no limit.
 _NO_LIMIT = 1 << 60
 
-# resnet.STAGES (which imports this module)
+#: The stages of a ResNet pass, in order (``resnet.STAGES``: ``feature_maps`` names them).
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 Budget = namedtuple("Budget", "bytes source")

@@ -14,12 +14,12 @@ import threading
 import numpy as np
 
 from ..backends import get_backend
-from ..checkpoint import release_pages
 from . import memory
 from ._input import as_float32, check_input
 from ._modules import BatchNorm2d, Conv2d, Linear, Module, Sequential, load_state_dict
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+#: What ``feature_maps`` can return, in order: after the stem's max pool, then each stage.
+STAGES = memory.STAGES
 
 
 def conv3x3(in_planes, out_planes, stride=1, groups=1):
@@ -159,6 +159,10 @@ class ResNet(Module):
         self._plan = None
         self._plan_lock = threading.Lock()
         self.memory_limit = None
+        #: Called with the parameters' arrays once the backend holds its own copies of them
+        #: (the builders pass ``numres.checkpoint.release_pages``: a checkpoint file's pages
+        #: then go back to the OS); None does nothing.
+        self.after_prepare = None
 
     def _make_layer(self, block, planes, blocks, stride=1):
         downsample = None
@@ -187,8 +191,13 @@ class ResNet(Module):
     def to(self, backend):
         """Move the model to another backend (weights are re-prepared). Returns ``self``."""
         self._backend = get_backend(backend)
-        self._plan = None
+        self.reset_prepared()
         return self
+
+    def reset_prepared(self):
+        """Drop the backend's prepared copy of the weights (after changing ``params`` in
+        place); it is made again, from the parameters, at the next call."""
+        self._plan = None
 
     def load_state_dict(self, state_dict, strict=True):
         """Load torchvision-named weights; ``num_batches_tracked`` entries are ignored.
@@ -204,7 +213,7 @@ class ResNet(Module):
             CheckpointError: missing/unexpected keys (strict) or shape mismatches, by name.
         """
         result = load_state_dict(self, state_dict, strict=strict)
-        self._plan = None
+        self.reset_prepared()
         return result
 
     def _prepared(self):
@@ -213,9 +222,10 @@ class ResNet(Module):
             with self._plan_lock:
                 if self._plan is None:
                     self._plan = self._prepare()
-                    if self._backend.name != "numpy" or self.fold_bn:
-                        # The backend holds its own copies now; the file's pages can go.
-                        release_pages(self.state_dict().values())
+                    if self.after_prepare is not None and (self._backend.copies_weights
+                                                           or self.fold_bn):
+                        # The backend holds its own copies (folding makes new arrays too).
+                        self.after_prepare(self.state_dict().values())
                 plan = self._plan
         return plan
 

@@ -9,64 +9,10 @@ import numres
 from numres.backends import get_backend
 from numres.backends.numpy_backend import NumpyBackend, im2col
 
+# Shared with the CUDA tests, which must collect where Numba is missing (this file skips).
+from .conv_cases import CONV_CASES, case_id, reference_conv, run_conv
+
 ORACLE = NumpyBackend()
-
-
-def run_conv(backend, x, w, b, stride, padding, groups, relu=False, residual=None):
-    """Run one convolution on ``backend`` with NCHW arrays in and out."""
-    conv = backend.prepare_conv(w, b, stride, padding, groups)
-    act = backend.from_nchw(x)
-    res = None if residual is None else backend.from_nchw(residual)
-    out = backend.conv2d(act, conv, relu=relu, residual=res)
-    return backend.to_numpy(backend.to_nchw(out))
-
-
-def reference_conv(x, w, b, stride, padding, groups):
-    """Direct convolution by definition, float64: independent of every backend."""
-    n, c, h, wd = x.shape
-    o, cg, k, _ = w.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding,) * 2, (padding,) * 2))
-    oh, ow = (h + 2 * padding - k) // stride + 1, (wd + 2 * padding - k) // stride + 1
-    y = np.zeros((n, o, oh, ow))
-    og = o // groups
-    for g in range(groups):
-        for i in range(k):
-            for j in range(k):
-                patch = xp[:, g * cg:(g + 1) * cg, i:i + stride * oh:stride,
-                           j:j + stride * ow:stride]            # (N, Cg, oh, ow)
-                y[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", patch,
-                                                       w[g * og:(g + 1) * og, :, i, j])
-    return y + (0 if b is None else b[None, :, None, None])
-
-
-def case_id(case):
-    return "n{}c{}h{}w{}o{}k{}s{}p{}g{}".format(*case)
-
-
-CONV_CASES = [
-    # (n, c, h, w, o, k, stride, padding, groups)
-    (1, 3, 23, 19, 8, 7, 2, 3, 1),     # stem-like, odd size (Numba: direct, no im2col)
-    (2, 3, 2, 3, 8, 7, 2, 3, 1),       # stem on an image smaller than its kernel
-    (2, 5, 6, 13, 70, 3, 1, 1, 1),     # few channels, stride 1, a partial weight panel
-    (2, 16, 9, 11, 12, 3, 1, 1, 1),    # 3x3 stride 1 (Winograd-capable), partial tiles
-    (1, 16, 12, 12, 24, 3, 2, 1, 1),   # 3x3 stride 2
-    (3, 32, 7, 7, 16, 1, 1, 0, 1),     # 1x1
-    (1, 32, 9, 9, 64, 1, 2, 0, 1),     # strided 1x1 (downsample)
-    (2, 32, 8, 10, 32, 3, 1, 1, 8),    # grouped (ResNeXt)
-    (1, 64, 5, 6, 64, 3, 2, 1, 32),    # grouped, strided
-    (2, 64, 6, 31, 64, 3, 1, 1, 4),    # 16 per group: whole panels, a ragged row tile
-    (2, 32, 5, 9, 32, 3, 2, 1, 4),     # 8 per group, strided (Numba: groups across lanes)
-    (1, 24, 6, 6, 24, 3, 1, 1, 6),     # 4 per group, channels not a multiple of a vector
-    (1, 16, 7, 8, 16, 3, 1, 1, 16),    # depthwise (1 per group)
-    (1, 48, 7, 9, 48, 3, 1, 1, 2),     # 24 per group (Numba: per-group GEMMs, not direct)
-    (1, 8, 1, 1, 8, 3, 1, 1, 1),       # 1x1 image through a 3x3
-    # Output rows of whole 14-pixel tiles (Numba, AVX-512: read directly, no gather):
-    (2, 32, 28, 28, 48, 3, 2, 1, 1),   # 3x3 stride 2, a partial weight panel
-    (1, 16, 14, 14, 32, 3, 1, 1, 1),   # 3x3 stride 1 (direct where Winograd is not used)
-    (2, 32, 28, 27, 40, 1, 2, 0, 1),   # strided 1x1 read from the input itself, odd width
-    (1, 64, 7, 7, 48, 3, 1, 1, 1),     # 49 pixels (Numba, AVX-512: 7-row tiles), partial panel
-    (1, 256, 28, 28, 272, 3, 2, 1, 1),  # few tiles, 2.6 MB of weights: direct, by panels
-]
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
@@ -136,8 +82,7 @@ def test_batch_norm_pool_linear(backend, rng):
 
 
 # -- the Numba backend's strategies ---------------------------------------------------------
-numba_backend = pytest.importorskip("numres.backends.numba_backend",
-                                    reason="Numba is not installed")
+numba = pytest.importorskip("numres.backends.numba", reason="Numba is not installed")
 
 STRATEGIES = {
     "own-gemm-pixels": dict(split_rows_min=1),
@@ -156,7 +101,7 @@ STRATEGIES = {
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_numba_strategies_agree_with_numpy(rng, strategy, threads, case):
     n, c, h, w, o, k, s, p, g = case
-    be = numba_backend.NumbaBackend(threads=threads, **STRATEGIES[strategy])
+    be = numba.NumbaBackend(threads=threads, **STRATEGIES[strategy])
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     wt = rng.standard_normal((o, c // g, k, k)).astype(np.float32)
     b = rng.standard_normal(o).astype(np.float32)
@@ -174,7 +119,7 @@ def test_winograd_error_is_bounded(rng, channels):
     x = rng.standard_normal((1, channels, 14, 14)).astype(np.float32)
     wt = (rng.standard_normal((64, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
     exact = reference_conv(x, wt, None, 1, 1, 1)
-    wino = run_conv(numba_backend.NumbaBackend(**STRATEGIES["winograd"]), x, wt, None, 1, 1, 1)
+    wino = run_conv(numba.NumbaBackend(**STRATEGIES["winograd"]), x, wt, None, 1, 1, 1)
 
     def rms(a):
         return float(np.sqrt(np.mean(np.square(a))))
@@ -220,63 +165,9 @@ def test_two_threads_share_one_model(backend, rng):
     assert errors == []
 
 
-@pytest.mark.skipif(not numba_backend._gemm.AVAILABLE,
-                    reason="the CPU has neither AVX-512 nor AVX2+FMA (numres GEMM off)")
-@pytest.mark.parametrize("m,k,n", [(1, 3, 5), (13, 147, 64), (16, 40, 33), (100, 300, 70),
-                                   (49, 4608, 33)])
-def test_own_gemm_microkernel(rng, m, k, n):
-    """The LLVM-IR microkernel on ragged shapes: padded rows, partial panels, K chunks."""
-    g = numba_backend._gemm
-    tiles = -(-m // g.MR)
-    a = np.zeros((tiles * g.MR, k), np.float32)
-    a[:m] = rng.standard_normal((m, k))
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    packed = g.pack_weights(w)
-    c = np.full((tiles * g.MR, packed.shape[0] * g.NR), np.nan, np.float32)
-    g.gemm_block(a, m, packed, 0, packed.shape[0], c)
-    expected = a[:m].astype(np.float64) @ w
-    np.testing.assert_allclose(c[:m, :n], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    np.testing.assert_array_equal(g.unpack_weights(packed, n), w)
-    assert packed.ctypes.data % 64 == 0
-
-
 def test_thread_setting_is_respected(monkeypatch):
     monkeypatch.setenv("NUMRES_NUM_THREADS", "1")
-    assert numba_backend.NumbaBackend().executor.threads == 1
+    assert numba.NumbaBackend().executor.threads == 1
     monkeypatch.setenv("NUMRES_NUM_THREADS", "x")
     with pytest.raises(ValueError, match="NUMRES_NUM_THREADS must be an integer"):
-        numba_backend.NumbaBackend()
-
-
-@pytest.mark.skipif(not numba_backend._gemm.AVAILABLE,
-                    reason="the CPU has neither AVX-512 nor AVX2+FMA (numres GEMM off)")
-@pytest.mark.parametrize("tile_rows", sorted({numba_backend._gemm.MR, numba_backend._gemm.MR_G,
-                                              *numba_backend._grouped.TILE_ROWS.values()}))
-@pytest.mark.parametrize("h,w,k,stride,pad", [(3, 3, 3, 2, 1), (1, 1, 3, 1, 1), (9, 5, 7, 2, 3),
-                                              (14, 14, 3, 1, 1), (224, 224, 7, 2, 3)])
-def test_padded_input_holds_every_read_of_the_direct_kernels(tile_rows, h, w, k, stride, pad):
-    """The last tile of the last output row reads (tile_rows - 1) * stride + k pixels from its
-    start, wrapping into later rows: all of them must lie inside the padded image."""
-    hp, wp = numba_backend._gemm.padded_rows(h, w, k, stride, pad, tile_rows)
-    out_h = (h + 2 * pad - k) // stride + 1
-    out_w = (w + 2 * pad - k) // stride + 1
-    last_tile = -(-out_w // tile_rows) - 1
-    start = ((out_h - 1) * stride + k - 1) * wp + last_tile * tile_rows * stride
-    assert start + (tile_rows - 1) * stride + k <= hp * wp
-    assert wp % stride == 0 and wp >= w + 2 * pad
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n,h,w,o", [(1, 23, 19, 40), (2, 40, 36, 64), (1, 64, 64, 8),
-                                     (3, 9, 30, 64), (2, 2, 3, 8)])
-def test_stem_fused_with_max_pool_matches_the_two_ops(rng, threads, n, h, w, o):
-    """The Numba stem computes its max pool from bands of rows (``conv_direct_pooled``):
-    the same values as the convolution stored whole and pooled after."""
-    be = numba_backend.NumbaBackend(threads=threads, replay=False)
-    x = be.from_nchw(rng.standard_normal((n, 3, h, w)).astype(np.float32))
-    conv = be.prepare_conv(rng.standard_normal((o, 3, 7, 7)).astype(np.float32),
-                           rng.standard_normal(o).astype(np.float32), 2, 3, 1)
-    fused = be.to_numpy(be.conv2d_max_pool(x, conv, True, 3, 2, 1))
-    expected = be.to_numpy(be.max_pool2d(be.conv2d(x, conv, relu=True), 3, 2, 1))
-    np.testing.assert_array_equal(fused, expected)
-    assert fused.shape == expected.shape and (fused > 0).any()
+        numba.NumbaBackend()

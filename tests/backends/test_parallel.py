@@ -1,4 +1,5 @@
-"""numres's thread pool and per-thread scratch (``backends/_parallel.py``, ``_workspace.py``)."""
+"""numres's thread pool and per-thread scratch (``backends/numba/threads.py``,
+``backends/_workspace.py``)."""
 
 import multiprocessing
 import sys
@@ -7,11 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from numres.backends import _parallel, _workspace
+from numres.backends import _workspace
+
+pool = pytest.importorskip("numres.backends.numba.threads", reason="Numba is not installed")
 
 
 def _two_threads():
-    executor = _parallel.Executor(2)
+    executor = pool.Executor(2)
     if executor.threads < 2:
         pytest.skip("NumPy's BLAS is not OpenBLAS >= 0.3.27 (no per-thread limit): "
                     "numres runs single-threaded there")
@@ -93,8 +96,8 @@ def test_a_forked_child_gets_working_threads():
 
 
 def test_shared_executor_is_one_per_thread_count():
-    assert _parallel.shared(2) is _parallel.shared(2)
-    assert _parallel.shared(1).threads == 1
+    assert pool.shared(2) is pool.shared(2)
+    assert pool.shared(1).threads == 1
 
 
 def test_thread_scratch_is_private_and_grows():
@@ -112,12 +115,10 @@ def test_thread_scratch_is_private_and_grows():
 def test_buffers_are_free_after_a_call(rng):
     """Nothing keeps a layer's buffers alive after the call (a worker holding its last job
     did, and the next layers then allocated new ones: ResNet-50 batch 32 peak +170 MB)."""
-    numba_backend = pytest.importorskip("numres.backends.numba_backend",
-                                        reason="Numba is not installed")
     import numres
+    from numres.backends.numba import NumbaBackend
     # Not a recorded pass: a plan keeps its buffers by design (tests/backends/test_replay.py).
-    model = numres.resnet18(num_classes=4,
-                            backend=numba_backend.NumbaBackend(threads=2, replay=False))
+    model = numres.resnet18(num_classes=4, backend=NumbaBackend(threads=2, replay=False))
     model(rng.standard_normal((1, 3, 64, 64)).astype(np.float32))
     local = model.backend.workspace._local
     assert local.buffers
@@ -128,13 +129,12 @@ def test_buffers_are_free_after_a_call(rng):
 
 @pytest.mark.parametrize("parts,blocks", [(1, 5), (2, 0), (2, 1), (2, 7), (3, 8)])
 def test_claimed_blocks_are_handed_out_once_own_share_first(parts, blocks):
-    gemm = pytest.importorskip("numres.backends._gemm", reason="Numba is not installed")
-    counters = gemm.work_counters(parts)
+    counters = pool.work_counters(parts)
     taken = {p: [] for p in range(parts)}
     active = list(range(parts))
     while active:                        # the threads claim in turn until none is left
         for p in list(active):
-            b = gemm.next_block(counters, p, parts, blocks)
+            b = pool.next_block(counters, p, parts, blocks)
             if b < 0:
                 active.remove(p)
             else:
@@ -149,10 +149,9 @@ def test_claimed_blocks_are_handed_out_once_own_share_first(parts, blocks):
 
 
 def test_a_lone_thread_takes_over_the_other_shares():
-    gemm = pytest.importorskip("numres.backends._gemm", reason="Numba is not installed")
-    counters = gemm.work_counters(2)
-    assert gemm.next_block(counters, 1, 2, 6) == 3      # the other thread started
+    counters = pool.work_counters(2)
+    assert pool.next_block(counters, 1, 2, 6) == 3      # the other thread started
     got = []
-    while (b := gemm.next_block(counters, 0, 2, 6)) >= 0:
+    while (b := pool.next_block(counters, 0, 2, 6)) >= 0:
         got.append(b)
     assert got == [0, 1, 2, 4, 5]

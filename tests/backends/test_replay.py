@@ -1,19 +1,18 @@
-"""Recorded and replayed passes of the Numba backend (``backends/_replay.py``)."""
+"""Recorded and replayed passes of the Numba backend (``backends/numba/replay.py``)."""
 
 import numpy as np
 import pytest
 
 import numres
 
-numba_backend = pytest.importorskip("numres.backends.numba_backend",
-                                    reason="Numba is not installed")
+numba = pytest.importorskip("numres.backends.numba", reason="Numba is not installed")
 
 
 def _pair(arch="resnet18", **kw):
     """The same random model twice: replaying passes, and always eager (the reference)."""
-    replayed = numres.build(arch, num_classes=5, backend=numba_backend.NumbaBackend(**kw))
+    replayed = numres.build(arch, num_classes=5, backend=numba.NumbaBackend(**kw))
     eager = numres.build(arch, num_classes=5,
-                         backend=numba_backend.NumbaBackend(replay=False, **kw))
+                         backend=numba.NumbaBackend(replay=False, **kw))
     eager.load_state_dict(replayed.state_dict())
     return replayed, eager
 
@@ -82,12 +81,12 @@ def test_other_shapes_do_not_touch_a_plans_buffers(rng):
         np.testing.assert_array_equal(model(z), eager(z))
         np.testing.assert_array_equal(model(x), eager(x))
     plans = _plans(model)
-    assert len(plans) == numba_backend.MAX_PLANS
+    assert len(plans) == numba.Tuning().max_plans
     assert all(type(p).__name__ == "Plan" for p in plans.values())
 
 
 def test_replay_can_be_switched_off(rng, monkeypatch):
     monkeypatch.setenv("NUMRES_REPLAY", "0")
-    model = numres.resnet18(num_classes=3, backend=numba_backend.NumbaBackend())
+    model = numres.resnet18(num_classes=3, backend=numba.NumbaBackend())
     model(rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
     assert _plans(model) == {}

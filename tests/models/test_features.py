@@ -66,7 +66,7 @@ def test_pretrained_backbone_with_a_new_head(monkeypatch, r50):
     from numres import hub
     _, path = r50
     full = numres.load_pth(path)
-    monkeypatch.setattr(hub, "fetch_state_dict", lambda source, progress=True: full)
+    monkeypatch.setattr(hub, "fetch_state_dict", lambda source, progress=True, check=None: full)
     model = numres.resnet50(pretrained=True, num_classes=7, backend="numpy")
     assert model.fc.params["weight"].shape == (7, 2048)
     np.testing.assert_array_equal(model.state_dict()["layer4.2.conv3.weight"],

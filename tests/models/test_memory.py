@@ -17,7 +17,7 @@ from numres.models import memory
 def _backend(name):
     """A fresh backend instance: its pool and recorded passes are this test's alone."""
     if name == "numba":
-        from numres.backends.numba_backend import NumbaBackend
+        from numres.backends.numba import NumbaBackend
         return NumbaBackend()
     from numres.backends.numpy_backend import NumpyBackend
     return NumpyBackend()
@@ -37,8 +37,8 @@ _MEASURE = textwrap.dedent("""
 
     backend, arch, shape, kind = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     if backend == "numba":
-        from numres.backends import numba_backend
-        numba_backend.warmup()          # kernels loaded: their code is not the pass's memory
+        from numres.backends.numba import warmup
+        warmup()          # kernels loaded: their code is not the pass's memory
     model = numres.build(arch, num_classes=10, backend=backend)
     model.memory_limit = "none"
     model._prepared()                    # weights prepared: excluded from the estimate

@@ -187,10 +187,19 @@ def test_numpy_in_numpy_out_and_backend_switch(reference):
 
 
 def test_model_releases_checkpoint_pages_after_preparing(tmp_path, monkeypatch):
+    """Built from a file, the model hands the file's pages back once the backend holds its
+    own copies of the weights (the builders set ``after_prepare``; the model knows no files)."""
     released = []
-    monkeypatch.setattr("numres.models.resnet.release_pages",
+    monkeypatch.setattr("numres.models.builders.release_pages",
                         lambda arrays: released.append(len(list(arrays))))
-    model = numres.resnet18(num_classes=3, backend="numba" if "numba" in
-                            numres.available_backends() else "numpy")
+    path = tmp_path / "r18.pth"
+    numres.save_pth(numres.resnet18(num_classes=3, backend="numpy").state_dict(), path)
+    backend = "numba" if "numba" in numres.available_backends() else "numpy"
+    model = numres.resnet18(weights=str(path), num_classes=3, backend=backend)
     model(np.zeros((1, 3, 32, 32), np.float32))
     assert released == [len(model.state_dict())]
+    unfolded = numres.resnet18(weights=str(path), num_classes=3, backend="numpy", fold_bn=False)
+    unfolded(np.zeros((1, 3, 32, 32), np.float32))      # keeps views of the file's arrays
+    random = numres.resnet18(num_classes=3, backend=backend)
+    random(np.zeros((1, 3, 32, 32), np.float32))
+    assert released == [len(model.state_dict())] and random.after_prepare is None

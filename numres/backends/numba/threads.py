@@ -1,21 +1,18 @@
-"""Run work on several threads, each calling BLAS single-threaded, without spinning.
+"""numres's threads: each layer's work shared out once, BLAS single-threaded inside them.
 
 Why not Numba's ``parallel=True`` plus multi-threaded BLAS: the two take turns layer by
-layer, and OpenMP workers spin after each region, taking the cores from the BLAS threads that
-run next (ResNet-18 ran 7x slower here). Instead every layer is handed once to this module's
-threads (:meth:`Executor.run` splits a range; :meth:`Executor.share` lets kernels claim their
-blocks themselves); each thread gathers its block of input (im2col), runs its GEMM on one
-core (OpenBLAS's per-thread setting) and applies the epilogue while the block is still in
+layer, and OpenMP workers spin after each region, taking the cores from the BLAS threads
+that run next. Instead every layer is handed once to this module's threads
+(:meth:`Executor.run` splits a range; :meth:`Executor.share` lets kernels claim their blocks
+themselves with :func:`next_block`); each thread gathers its block of input, multiplies on
+one core (OpenBLAS's per-thread setting) and applies the epilogue while the block is still in
 cache. Idle workers block on a lock and cost nothing.
 
-Measured here, and why the hand-off stays a lock: ~20-25 us per layer (50 us after a
-millisecond idle), most of it the worker waiting for the GIL while the caller finishes its
-own Python part. Workers that spun (without the GIL) before blocking were no faster, and
-handing out chunks in Python (one GIL round trip each) was 2-7% slower on whole networks.
-
-Why not ``concurrent.futures``: at batch 1 a layer takes well under a millisecond, and a
-pool's futures, queue and condition variables cost ~30 us per hand-off; here each worker
-waits on a plain lock of its own (~10 us). A run already in progress (another Python thread
+Why the hand-off is a plain lock per worker: at batch 1 a layer takes well under a
+millisecond, and a pool's futures, queue and condition variables cost several times more per
+hand-off; workers that spun before blocking were no faster, and handing out chunks in Python
+(one GIL round trip each) was slower on whole networks (figures:
+``benchmarks/results/numba-design.md``). A run already in progress (another Python thread
 calling a model, or a kernel that splits its own work) makes a second ``run`` execute in its
 caller's thread, so threads are never oversubscribed and nothing deadlocks.
 
@@ -29,20 +26,12 @@ import os
 import threading
 import weakref
 
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
-def default_threads():
-    """``NUMRES_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs this process may use."""
-    for var in ("NUMRES_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var)
-        if value:
-            try:
-                return max(1, int(value.split(",")[0]))
-            except ValueError:
-                raise ValueError(f"{var} must be an integer, got {value!r}") from None
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from .kernels import helper
 
 
 def _openblas_local_setter():
@@ -125,10 +114,6 @@ class Executor:
         self._workers = [_Worker(f"numres-{i}", self._set_local)
                          for i in range(1, self.threads)]
 
-    @property
-    def parallel(self):
-        return self.threads > 1
-
     @contextlib.contextmanager
     def single_threaded_blas(self):
         """BLAS on one thread in the calling thread for the duration (it is one of the
@@ -147,7 +132,7 @@ class Executor:
 
     def share(self, fn):
         """Call ``fn(part, parts)`` on each of the ``parts`` threads, for kernels that claim
-        their blocks themselves (``_gemm.next_block``). When the threads are taken, the calls
+        their blocks themselves (:func:`next_block`). When the threads are taken, the calls
         run one after another in the caller, and the first does all the work."""
         parts = self.threads
 
@@ -210,3 +195,45 @@ def _restart_after_fork():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_restart_after_fork)
+
+
+# -- blocks claimed by the threads themselves (inside compiled kernels) ------------------------
+@intrinsic
+def _claim(typingctx, counters, slot):
+    """Atomically ``counters[slot] += 1``; returns the value before (int64 array)."""
+    sig = types.int64(counters, types.intp)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        where = builder.gep(array.data, [args[1]])
+        return builder.atomic_rmw("add", where, ir.Constant(ir.IntType(64), 1), "monotonic")
+    return sig, codegen
+
+
+# Claim counters one 64-byte line apart, so threads claiming work do not share a line.
+COUNTER_STRIDE = 8
+
+
+def work_counters(parts):
+    """Fresh counters for :func:`next_block`, shared by the ``parts`` threads of one run."""
+    return np.zeros(parts * COUNTER_STRIDE, np.int64)
+
+
+@helper
+def next_block(counters, part, parts, blocks):
+    """The next of ``blocks`` blocks for thread ``part`` of ``parts``, or -1 when none is
+    left: first its own contiguous share, in order (the rows it had in the previous layer,
+    still in its cache), then whatever the other threads have not started yet.
+
+    Equal static shares made every layer wait for the slower thread, and two virtual CPUs
+    are often not equally fast, for minutes at a time (``benchmarks/results/numba-design.md``).
+    """
+    for i in range(parts):
+        p = (part + i) % parts
+        lo, hi = blocks * p // parts, blocks * (p + 1) // parts
+        if lo >= hi:
+            continue
+        b = lo + _claim(counters, p * COUNTER_STRIDE)
+        if b < hi:
+            return b
+    return -1

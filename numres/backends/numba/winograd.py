@@ -1,29 +1,25 @@
-"""Winograd F(4x4, 3x3) for stride-1 3x3 convolutions in NHWC.
+"""Path ``WINOGRAD``: F(4x4, 3x3) for stride-1 3x3 convolutions in NHWC.
 
 Each 4x4 output tile is computed from a 6x6 input tile with 36 multiplications per (input,
-output) channel pair instead of 144: the input tile is transformed (``B^T d B``), multiplied
-element-wise with the transformed filter (``G g G^T``) and transformed back (``A^T m A``).
-Summed over input channels, the element-wise products become 36 independent GEMMs,
-``M[e] = V[e] @ U[e]`` with ``V[e]`` (tiles, C) and ``U[e]`` (C, O), which BLAS runs at full
-speed. Interpolation points 0, +-1, +-2 and infinity (Lavin & Gray, 2016) keep the float32
-error within a few ulps of direct convolution; the tests bound it against the NumPy backend.
+output) channel pair instead of 144 (4x fewer): the input tile is transformed (``B^T d B``),
+multiplied element-wise with the transformed filter (``G g G^T``) and transformed back
+(``A^T m A``). Summed over input channels, the element-wise products become 36 independent
+GEMMs, ``M[e] = V[e] @ U[e]`` with ``V[e]`` (tiles, C) and ``U[e]`` (C, O): numres's GEMM
+(``gemm.batched_gemm``) where the weights are packed for it, else BLAS. Interpolation points
+0, +-1, +-2 and infinity (Lavin & Gray, 2016) keep the float32 error within a few ulps of
+direct convolution; the tests bound it against the NumPy backend.
 """
 
 import numpy as np
 
-from . import _gemm
-from ._numba_kernels import epilogue_block, helper, kernel
-from ._workspace import thread_scratch
+from .._base import nbytes
+from .._workspace import aligned_empty, thread_scratch
+from . import gemm
+from .kernels import epilogue_block, helper, kernel
+from .threads import next_block, work_counters
 
 TILE = 4          # output pixels per tile side
 ALPHA = TILE + 2  # input pixels per tile side
-# Tiles transformed and multiplied together: enough rows for efficient GEMMs, few enough that
-# the (36, tiles, C) block stays in L2.
-BLOCK_TILES = 128
-# Transformed filters this small (bytes) stay in L2 when re-read per block, and blocks of at
-# least this many tiles then still run the GEMMs efficiently.
-SMALL_FILTERS = 1 << 20
-MIN_BLOCK_TILES = 28
 
 # Transform matrices for F(4x4, 3x3).
 BT = np.array([[4, 0, -5, 0, 1, 0],
@@ -49,11 +45,11 @@ def transform_weights(weight, packed):
     for BLAS, or with ``packed`` (36, panels, C, NR) panels for numres's GEMM.
 
     One of the 36 (C, O) products at a time, written into the result: transforming the
-    whole (6, 6, C, O) block in float64 at once held ~5x the result in temporaries (190 MB
-    for a 512-channel layer), which set the process's peak memory at large batches."""
+    whole (6, 6, C, O) block in float64 at once held several times the result in
+    temporaries, which set the process's peak memory at large batches."""
     _, _, c, o = weight.shape
     if packed:
-        out = _gemm.aligned_empty((ALPHA * ALPHA, -(-o // _gemm.NR), c, _gemm.NR))
+        out = aligned_empty((ALPHA * ALPHA, -(-o // gemm.NR), c, gemm.NR))
     else:
         out = np.empty((ALPHA * ALPHA, c, o), np.float32)
     ue = np.empty((c, o), np.float64)
@@ -65,13 +61,14 @@ def transform_weights(weight, packed):
                     if G[i, k] * G[j, m] != 0.0:
                         ue += (G[i, k] * G[j, m]) * weight[k, m]       # (C, O), float64
             if packed:
-                _gemm.pack_weights(ue.astype(np.float32), out=out[i * ALPHA + j])
+                gemm.pack_weights(ue.astype(np.float32), out=out[i * ALPHA + j])
             else:
                 out[i * ALPHA + j] = ue
     return out
 
 
 def tiles(h, w):
+    """4x4 tiles of an h x w output: (rows, columns)."""
     return -(-h // TILE), -(-w // TILE)
 
 
@@ -117,7 +114,7 @@ def input_transform(r0, r1, x, d, d2, v):
     A tile row is one (image, tile y) pair; t0 is the first tile of row r0. Padding is 1.
     ``d`` and ``d2`` are (6, 6, C) scratch. B^T is written out as sums (:func:`_bt`), a pass
     over columns then one over rows, each an explicit loop over channels from one array into
-    another: 1.7x faster than loops over a coefficient matrix (which test for zeros and
+    another: faster than loops over a coefficient matrix (which test for zeros and
     accumulate in memory).
     """
     n_img, h, w, c = x.shape
@@ -163,8 +160,9 @@ def input_transform(r0, r1, x, d, d2, v):
 
 
 @kernel
-def output_transform(r0, r1, m, tmp, acc, bias, residual, has_residual, relu, y):
-    """y[n, 4ty+i, 4tx+j, :] = relu?((A^T m_t A)[i, j] + bias + residual?), cropped to y.
+def output_transform(r0, r1, m, tmp, acc, epi, y):
+    """y[n, 4ty+i, 4tx+j, :] = relu?((A^T m_t A)[i, j] + bias + residual?) (``epi``), cropped
+    to y.
 
     For tile rows [r0, r1); ``m`` holds their tiles from index 0, like ``input_transform``.
     ``tmp`` (4, 6, O) and ``acc`` (4, O) are scratch; A^T is written out (:func:`_at`).
@@ -189,42 +187,59 @@ def output_transform(r0, r1, m, tmp, acc, bias, residual, has_residual, relu, y)
                                          tmp[i, 3, co], tmp[i, 4, co], tmp[i, 5, co])
                     acc[0, co], acc[1, co], acc[2, co], acc[3, co] = u0, u1, u2, u3
                 r = (n * h + ty * 4 + i) * w + tx * 4
-                epilogue_block(y2, r, acc, 0, cols, 0, o, bias, residual, has_residual, relu)
+                epilogue_block(y2, r, acc, 0, cols, 0, o, epi)
 
 
 @kernel
 def claimed_blocks(counters, part, parts, total, per_block, x, weight, d, d2, v, mm, tmp, acc,
-                   bias, residual, has_residual, relu, y):
+                   epi, y):
     """Blocks of ``per_block`` of the ``total`` tile rows, claimed by thread ``part`` of
-    ``parts`` (``_gemm.next_block``): transform, the 36 GEMMs on numres's kernel, inverse
+    ``parts`` (``threads.next_block``): transform, the 36 GEMMs on numres's kernel, inverse
     transform and epilogue. Scratch ``v`` (36, >= block tiles, C), ``mm`` (36, same, O)."""
     tw = (x.shape[2] + 3) // 4
     blocks = (total + per_block - 1) // per_block
     while True:
-        blk = _gemm.next_block(counters, part, parts, blocks)
+        blk = next_block(counters, part, parts, blocks)
         if blk < 0:
             return
         b0 = blk * per_block
         b1 = min(b0 + per_block, total)
         input_transform(b0, b1, x, d, d2, v)
-        _gemm.batched_gemm(v, (b1 - b0) * tw, weight, mm)
-        output_transform(b0, b1, mm, tmp, acc, bias, residual, has_residual, relu, y)
+        gemm.batched_gemm(v, (b1 - b0) * tw, weight, mm)
+        output_transform(b0, b1, mm, tmp, acc, epi, y)
 
 
-def conv3x3(x, weight, out_channels, epilogue, executor, y):
+# -- the path ---------------------------------------------------------------------------------
+def filters(conv):
+    """The convolution's transformed filters, made on first use and kept: at batch 1 the deep
+    layers never have enough tiles, and the transformed filters are 4x the plain ones."""
+    if conv.winograd is None:
+        packed = conv.own_kernels
+        plain = gemm.unpack_weights(conv.weight, conv.out_channels) if packed else conv.weight
+        c, o = plain.shape[0] // 9, plain.shape[1]
+        # (9C, O) rows in (ky, kx, c) order -> (3, 3, C, O)
+        conv.winograd = transform_weights(plain.reshape(3, 3, c, o), packed=packed)
+    return conv.winograd
+
+
+def run(be, x, conv, epi, y):
+    """Run a convolution on this path (see ``paths.RUNNERS``)."""
+    be.step(conv3x3, be.executor, be.tuning, x, filters(conv), conv.out_channels, epi, y)
+
+
+def conv3x3(ex, tuning, x, weight, out_channels, epi, y):
     """Stride-1, padding-1 3x3 convolution of NHWC ``x`` into ``y`` with a fused epilogue.
 
     ``weight`` is :func:`transform_weights`'s array (packed 4-D for numres's GEMM, else
-    (36, C, O) for BLAS); ``epilogue`` is ``(bias, residual rows (M, O), has_residual,
-    relu)``. Threads take blocks of tile rows and run transform, 36 GEMMs and inverse
-    transform on each, so the transformed tiles stay in cache.
+    (36, C, O) for BLAS). Threads take blocks of tile rows and run transform, 36 GEMMs and
+    inverse transform on each, so the transformed tiles stay in cache.
     """
     n, h, w, c = x.shape
     th, tw = tiles(h, w)
     total = n * th
-    rows_per_block = max(1, BLOCK_TILES // tw)
+    rows_per_block = max(1, tuning.winograd_block_tiles // tw)
     if weight.ndim == 4:
-        _claimed(x, weight, out_channels, epilogue, executor, y, total, tw, rows_per_block)
+        _claimed(ex, tuning, x, weight, out_channels, epi, y, total, tw, rows_per_block)
         return y
 
     def work(r0, r1):
@@ -237,25 +252,32 @@ def conv3x3(x, weight, out_channels, epilogue, executor, y):
                             thread_scratch("winograd_d2", (ALPHA, ALPHA, c)), v)
             np.matmul(v, weight, out=mm)     # (36, t, C) @ (36, C, O) -> (36, t, O)
             output_transform(b0, b1, mm, thread_scratch("winograd_t", (4, ALPHA, out_channels)),
-                             thread_scratch("winograd_o", (4, out_channels)), *epilogue, y)
+                             thread_scratch("winograd_o", (4, out_channels)), epi, y)
 
-    executor.run(total, work)
+    ex.run(total, work)
     return y
 
 
-def _claimed(x, weight, out_channels, epilogue, executor, y, total, tw, rows_per_block):
-    """numres's GEMM path: blocks claimed by the threads (:func:`claimed_blocks`). Where the
-    transformed filters are small enough to re-read per block from cache, blocks are cut
-    finer (at least ``MIN_BLOCK_TILES`` tiles), so a faster thread can take over part of a
-    slower one's share; otherwise about one block per thread, each reading them once."""
+def block_rows(total, tw, weight_bytes, threads, tuning):
+    """Tile rows per block on numres's GEMM: about one block per thread, each reading the
+    transformed filters once; where those are small enough to re-read per block from cache,
+    finer blocks (at least ``winograd_min_block_tiles`` tiles), so a faster thread can take
+    over part of a slower one's share."""
+    per_block = min(max(1, tuning.winograd_block_tiles // tw), -(-total // threads))
+    if weight_bytes <= tuning.winograd_small_filters:
+        per_block = min(per_block, max(-(-tuning.winograd_min_block_tiles // tw),
+                                       total // (3 * threads)))
+    return per_block
+
+
+def _claimed(ex, tuning, x, weight, out_channels, epi, y, total, tw, rows_per_block):
+    """numres's GEMM: blocks claimed by the threads (:func:`claimed_blocks`)."""
     c = x.shape[3]
-    threads = executor.threads
-    per_block = min(rows_per_block, -(-total // threads))
-    if weight.nbytes <= SMALL_FILTERS:
-        per_block = min(per_block, max(-(-MIN_BLOCK_TILES // tw), total // (3 * threads)))
-    rows = -(-(per_block * tw) // _gemm.MR) * _gemm.MR       # whole microkernel tiles
-    width = weight.shape[1] * _gemm.NR
-    counters = _gemm.work_counters(threads)
+    threads = ex.threads
+    per_block = block_rows(total, tw, weight.nbytes, threads, tuning)
+    rows = -(-(per_block * tw) // gemm.MR) * gemm.MR        # whole microkernel tiles
+    width = weight.shape[1] * gemm.NR
+    counters = work_counters(threads)
 
     def work(part, parts):
         claimed_blocks(counters, part, parts, total, per_block, x, weight,
@@ -264,5 +286,35 @@ def _claimed(x, weight, out_channels, epilogue, executor, y, total, tw, rows_per
                        thread_scratch("winograd_v", (ALPHA * ALPHA, rows, c)),
                        thread_scratch("winograd_m", (ALPHA * ALPHA, rows, width)),
                        thread_scratch("winograd_t", (4, ALPHA, out_channels)),
-                       thread_scratch("winograd_o", (4, out_channels)), *epilogue, y)
-    executor.share(work)
+                       thread_scratch("winograd_o", (4, out_channels)), epi, y)
+    ex.share(work)
+
+
+def events(conv, x, y, threads, tuning):
+    """The transformed filters made on first use (kept), and each thread's transform and
+    GEMM scratch."""
+    n, h, w, c = x
+    o = y[3]
+    th, tw = tiles(h, w)
+    total = n * th
+    alpha2 = ALPHA ** 2
+    packed = conv.own_kernels
+    panels = -(-o // gemm.NR)
+    weight_bytes = nbytes((alpha2, panels, c, gemm.NR) if packed else (alpha2, c, o))
+    events = []
+    if conv.winograd is None:
+        # made on first use and kept; meanwhile the unpacked (9C, O) filters, one (C, O)
+        # float64 product at a time and its float32 copy
+        events += [("heap", "winograd_weights", weight_bytes),
+                   ("heap", "transform", c * o * (48 if packed else 8)),
+                   ("free", "transform")]
+    if packed:
+        per_block = block_rows(total, tw, weight_bytes, threads, tuning)
+        rows = -(-(per_block * tw) // gemm.MR) * gemm.MR
+        width = panels * gemm.NR
+    else:
+        rows, width = max(1, tuning.winograd_block_tiles // tw) * tw, o
+    scratch = {"winograd_d": alpha2 * c, "winograd_d2": alpha2 * c,
+               "winograd_v": alpha2 * rows * c, "winograd_m": alpha2 * rows * width,
+               "winograd_t": 4 * ALPHA * o, "winograd_o": 4 * o}
+    return events + [("scratch", slot, threads * size * 4) for slot, size in scratch.items()]

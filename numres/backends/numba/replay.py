@@ -1,9 +1,9 @@
-"""Recorded forward passes for the CPU backend: the Python around the kernels, paid once.
+"""Recorded forward passes: the Python around the kernels, paid once per input shape.
 
-At batch 1 a ResNet-50 layer's kernels take 0.2-1 ms, and the Python that prepares them
-(shapes, the path to take, a workspace buffer) took another ~60 us: run right after a
-kernel has streamed megabytes through the caches, that Python runs from cold caches, and
-the other threads wait meanwhile. So the first pass for an input shape records every
+At batch 1 a layer's kernels take well under a millisecond, and the Python that prepares
+them (shapes, the path to take, a workspace buffer) is a sizeable fraction of that: run
+right after a kernel has streamed megabytes through the caches, that Python runs from cold
+caches, and the other threads wait meanwhile. So the first pass for an input shape records every
 operation as ``(function, arguments)``; later passes of that shape call the functions
 again, in order, on the same buffers, and skip the rest.
 
@@ -19,6 +19,8 @@ import threading
 import weakref
 
 import numpy as np
+
+from .._base import copy_tree
 
 
 class NotReplayable(Exception):
@@ -73,18 +75,24 @@ class Recorder:
                 return _Buffer(arg, owner)
             return arg
         if isinstance(arg, tuple):
-            return tuple(self.portable(a) for a in arg)
+            return _same_tuple(arg, [self.portable(a) for a in arg])
         return arg
 
     def add(self, fn, args):
         self.steps.append((fn, tuple(self.portable(a) for a in args)))
 
 
+def _same_tuple(like, items):
+    """``items`` as a tuple of ``like``'s type (a namedtuple such as ``kernels.Epilogue``
+    stays one: the kernels are compiled for it)."""
+    return type(like)(*items) if hasattr(like, "_fields") else tuple(items)
+
+
 def _resolve(arg):
     if isinstance(arg, _Buffer):
         return arg.resolve()
     if isinstance(arg, tuple):
-        return tuple(_resolve(a) for a in arg)
+        return _same_tuple(arg, [_resolve(a) for a in arg])
     if isinstance(arg, dict):
         return {k: _resolve(v) for k, v in arg.items()}
     return arg
@@ -116,9 +124,3 @@ def portable_output(recorder, out):
     if isinstance(out, dict):
         return {k: recorder.portable(v) for k, v in out.items()}
     return recorder.portable(out)
-
-
-def copy_tree(out):
-    if isinstance(out, dict):
-        return {k: v.copy() for k, v in out.items()}
-    return out.copy()

@@ -1,47 +1,42 @@
-"""Numba kernels for the NHWC CPU backend: everything around the GEMMs.
+"""Numba's compile options, the fused epilogue, and the kernels around the convolutions.
 
 Activations are (N, H, W, C) float32, C-contiguous, so channels are the innermost loop of
 every kernel here: those loops are unit-stride and LLVM vectorises them.
 
 Each kernel is serial and releases the GIL; it works on a range of "rows" ``[r0, r1)``, where
-a row is one (image, output row) pair or one pixel, and :mod:`._parallel` hands ranges to
-threads. ``im2col_grouped`` fills a per-block scratch buffer relative to ``r0``. (The
-ungrouped gather and GEMM live in ``_gemm.py``.)
-``cache=True`` keeps compiled code on disk, so only the first use on a machine compiles.
+a row is one (image, output row) pair or one pixel, and ``threads.Executor`` hands ranges to
+threads. ``cache=True`` keeps compiled code on disk, so only the first use on a machine
+compiles (moving a function to another module compiles it once more).
 """
+
+from collections import namedtuple
 
 import numpy as np
 from numba import njit
 
-kernel = njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+#: The options of every compiled function of this package (the one place they are set):
+#: cached on disk, GIL released, NumPy's float semantics, no bounds checks.
+JIT = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+kernel = njit(**JIT)
 # Helpers are inlined into each kernel at Numba's level: called across compiled functions,
-# their loops were not vectorised (4x slower, measured).
-helper = njit(inline="always", cache=True, nogil=True, error_model="numpy",
-              boundscheck=False)
+# their loops were not vectorised.
+helper = njit(inline="always", **JIT)
+
+Epilogue = namedtuple("Epilogue", "bias residual has_residual relu")
+Epilogue.__doc__ = """What a convolution applies to its result before storing it, as one value
+the kernels take: ``relu?(result + bias + residual?)``. ``bias`` (O,); ``residual`` the
+(M, O) rows added where ``has_residual`` (a (1, 1) placeholder otherwise, so that every call
+has the same types); ``relu`` clamps at zero (NaN stays NaN, as in torch)."""
+
+# A residual placeholder Numba can type when a layer has none.
+NO_RESIDUAL = np.zeros((1, 1), np.float32)
 
 
-@kernel
-def im2col_grouped(r0, r1, x, k, stride, pad, out_w, groups, cols):
-    """cols[g, (row - r0) * out_w + ox, (ky, kx, cg)] = x[n, iy, ix, g * Cg + cg]."""
-    n_img, h, w, c = x.shape
-    out_h = (h + 2 * pad - k) // stride + 1
-    cg = c // groups
-    for row in range(r0, r1):
-        n = row // out_h
-        oy = row % out_h
-        for ox in range(out_w):
-            r = (row - r0) * out_w + ox
-            for ky in range(k):
-                iy = oy * stride - pad + ky
-                for kx in range(k):
-                    ix = ox * stride - pad + kx
-                    base = (ky * k + kx) * cg
-                    if 0 <= iy < h and 0 <= ix < w:
-                        for g in range(groups):
-                            cols[g, r, base:base + cg] = x[n, iy, ix, g * cg:(g + 1) * cg]
-                    else:
-                        for g in range(groups):
-                            cols[g, r, base:base + cg] = 0.0
+def epilogue(bias, residual, relu):
+    """The :class:`Epilogue` for ``bias``, optional (M, O) ``residual`` rows and ``relu``."""
+    if residual is None:
+        return Epilogue(bias, NO_RESIDUAL, False, relu)
+    return Epilogue(bias, residual, True, relu)
 
 
 @helper
@@ -49,7 +44,7 @@ def epilogue_row(dst, src, bias, residual, has_residual, relu):
     """dst = relu?(src + bias + residual?) on 1-D rows (dst may be src).
 
     The branches are taken once per row, outside the element loops, and the zero is a
-    float32: either in the loop stops LLVM from vectorising it (measured 4-9x slower).
+    float32: either in the loop stops LLVM from vectorising it.
     """
     zero = np.float32(0.0)
     n = dst.size
@@ -69,10 +64,11 @@ def epilogue_row(dst, src, bias, residual, has_residual, relu):
 
 
 @helper
-def epilogue_block(y, m0, src, s0, rows, c0, c1, bias, residual, has_residual, relu):
+def epilogue_block(y, m0, src, s0, rows, c0, c1, epi):
     """y[m0 + r, c0:c1] = relu?(src[s0 + r, c0:c1] + bias[c0:c1] + residual[m0 + r, c0:c1]?)
-    for r < rows: :func:`epilogue_row` over a block of rows, indexing 2-D arrays instead of
-    making a view per row."""
+    for r < rows, with ``epi`` an :class:`Epilogue`: :func:`epilogue_row` over a block of
+    rows, indexing 2-D arrays instead of making a view per row."""
+    bias, residual, has_residual, relu = epi
     zero = np.float32(0.0)
     if has_residual:
         if relu:
@@ -94,30 +90,10 @@ def epilogue_block(y, m0, src, s0, rows, c0, c1, bias, residual, has_residual, r
 
 
 @kernel
-def bias_act(m0, m1, c0, c1, y, bias, residual, has_residual, relu):
-    """In place on rows [m0, m1), columns [c0, c1) of (M, O): y = relu?(y + bias + res?)."""
-    b = bias[c0:c1]
-    for r in range(m0, m1):
-        row = y[r, c0:c1]
-        res = residual[r, c0:c1] if has_residual else row
-        epilogue_row(row, row, b, res, has_residual, relu)
-
-
-@kernel
-def bias_act_grouped(m0, m1, yg, bias, residual, has_residual, relu, out):
-    """Rows [m0, m1) of out (M, O) from per-group yg[g, r - m0, j], with the epilogue."""
-    groups, _, og = yg.shape
-    for r in range(m0, m1):
-        for g in range(groups):
-            cols = slice(g * og, (g + 1) * og)
-            dst = out[r, cols]
-            res = residual[r, cols] if has_residual else dst
-            epilogue_row(dst, yg[g, r - m0], bias[cols], res, has_residual, relu)
-
-
-@kernel
-def batch_norm(m0, m1, x, scale, shift, residual, has_residual, relu, out):
-    """Rows [m0, m1) of (M, C): out = relu?(x * scale + shift + residual?) (unfolded path)."""
+def batch_norm(m0, m1, x, scale, epi, out):
+    """Rows [m0, m1) of (M, C): out = relu?(x * scale + shift + residual?), the shift being
+    ``epi``'s bias (the unfolded reference path)."""
+    shift, residual, has_residual, relu = epi
     c = x.shape[1]
     scaled = np.empty(c, np.float32)
     for r in range(m0, m1):

@@ -1,0 +1,309 @@
+"""Paths ``GROUPED_LANES`` and ``GROUPED_DIRECT``: ResNeXt's grouped 3x3 convolutions on
+numres's kernels, both reading the zero-padded input (``padding.py``).
+
+``GROUPED_LANES`` (1-8 channels per group, ResNeXt's first stages): with w channels per
+group, a group's GEMM is (pixels, k*k*w) @ (k*k*w, w), and a vector of output channels would
+hold only w useful lanes. Instead each vector holds the input channels of vl/w whole groups,
+as they lie in NHWC memory, and for each output channel o of a group there is one
+accumulator: lane (group g, input ci) gathers x[g*w + ci] * W[g*w + o, ci] over the taps,
+with plain FMAs and no shuffles. Only at the end are the w lanes of each group summed and
+placed, once per pixel: ``out[g*w + o] = sum_ci acc[o][g*w + ci]``. Every lane of every FMA
+is useful work. Needs ``Cin/G == Cout/G == w`` with w dividing the vector length, and C a
+multiple of it (:func:`lanes_fit`).
+
+``GROUPED_DIRECT`` (up to ``Tuning.grouped_direct_max_width`` outputs per group): per group a
+direct convolution on the microkernel with one-vector-wide panels (the grouped tile of
+``tile.py``); a group with fewer outputs than a vector wastes lanes but still runs at a
+fraction of peak, instead of BLAS's per-call overhead on tiny matrices.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .._base import nbytes
+from .._workspace import aligned_empty, thread_scratch
+from . import padding
+from .kernels import kernel
+from .microkernel import (Finish, Out, Panel, Prefetch, Rows, data_ptr, make_microkernel,
+                          plain, record_values, register_loop)
+from .tile import TILE
+
+VL = TILE.vl
+#: Output pixels per tile of the lanes kernel, per group width (registers: ``tile.py``).
+LANE_ROWS = TILE.lane_rows
+MR_G, NR_G = TILE.grouped_mr, TILE.grouped_nr
+_microkernel_g = make_microkernel(VL, NR_G, (MR_G,), TILE.line)
+
+
+# -- GROUPED_LANES ----------------------------------------------------------------------------
+def make_lanes_kernel(vl, rows):
+    """The lanes kernel for widths ``rows`` (w -> pixels per tile), one body per width (a
+    call's ``w`` picks one).
+
+    ``kernel(w, kc, rounds, x, tap_stride, b, y, valid, finish)``: for the first ``valid``
+    of the tile's pixels i and lanes l (o = l % w), over r < rounds, p < kc:
+    ``acc[i][o] += X[x.offset + r*x.step + p*tap_stride + i*x.ld + l] * B[b.offset +
+    ((r*kc + p)*w + o)*vl + l]``; then ``y[y.offset + i*y.ld + l] = relu?(sum_ci
+    acc[o][(l//w)*w + ci] + bias + residual?)`` with ``x`` :class:`~.microkernel.Rows`,
+    ``b`` :class:`~.microkernel.Panel`, ``y`` :class:`~.microkernel.Out` and ``finish`` a
+    :class:`~.microkernel.Finish` (always applied).
+    """
+    @intrinsic
+    def lanes(typingctx, w, kc, rounds, x, tap_stride, b, y, valid, finish):
+        sig = types.void(types.intp, types.intp, types.intp, x, types.intp, b, y, types.intp,
+                         finish)
+
+        def codegen(context, builder, signature, args):
+            w, kc, rounds, x, tap_stride, b, y, valid, finish = args
+            x = record_values(context, builder, signature.args[3], x, "a")
+            b = record_values(context, builder, signature.args[5], b, "b")
+            y = record_values(context, builder, signature.args[6], y, "c")
+            finish = record_values(context, builder, signature.args[8], finish, "finish")
+            for width, mr in rows.items():
+                with builder.if_then(builder.icmp_signed("==", w, ir.Constant(
+                        ir.IntType(64), width))):
+                    _lanes_body(builder, vl, width, mr, kc, rounds, x, tap_stride, b, y, valid,
+                                finish)
+            return context.get_dummy_value()
+        return sig, codegen
+    return lanes
+
+
+def _lanes_body(builder, vl, w, mr, kc, rounds, x, a_pstride, b, y, valid, finish):
+    """The IR of one group width (see :func:`make_lanes_kernel`)."""
+    x, a_off, lda, a_step = x
+    b, b_off = b
+    y, y_off, ldy, _ = y
+    _, bias, bias_off, res, _, _, has_res, relu = finish
+    i64 = ir.IntType(64)
+    vec = ir.VectorType(ir.FloatType(), vl)
+    vptr = vec.as_pointer()
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vl}f32")
+    zero = ir.Constant(vec, None)
+
+    def const(v):
+        return ir.Constant(i64, v)
+
+    def load(base, offset):
+        return builder.load(builder.bitcast(builder.gep(base, [offset]), vptr), align=4)
+
+    x = builder.gep(x, [a_off])
+    b = builder.gep(b, [b_off])
+
+    def start_run(r):               # one kernel row: kc taps
+        return (builder.gep(x, [builder.mul(r, a_step)]),
+                builder.gep(b, [builder.mul(builder.mul(r, kc), const(w * vl))]))
+
+    def step(run, r, p, acc):
+        x_run, b_run = run
+        b_tap = builder.gep(b_run, [builder.mul(p, const(w * vl))])
+        weights = [load(b_tap, const(o * vl)) for o in range(w)]
+        x_tap = builder.gep(x_run, [builder.mul(p, a_pstride)])
+        new = []
+        for i in range(mr):
+            xv = load(x_tap, builder.mul(const(i), lda))
+            for o in range(w):
+                new.append(builder.call(fma, [xv, weights[o], acc[i * w + o]]))
+        return new
+
+    results = register_loop(builder, vec, kc, rounds, mr * w, start_run, step)
+    bias_v = load(bias, bias_off)
+    for i in range(mr):
+        sums = None
+        for ci in range(w):
+            # lane j takes acc[j % w][(j // w) * w + ci]: one source per shuffle step
+            part = results[i * w]
+            lanes = [(j // w) * w + ci if j % w == 0 else j for j in range(vl)]
+            part = builder.shuffle_vector(part, part, ir.Constant(
+                ir.VectorType(ir.IntType(32), vl), lanes))
+            for o in range(1, w):
+                mask = [vl + (j // w) * w + ci if j % w == o else j for j in range(vl)]
+                part = builder.shuffle_vector(part, results[i * w + o], ir.Constant(
+                    ir.VectorType(ir.IntType(32), vl), mask))
+            sums = part if sums is None else builder.fadd(sums, part)
+        value = builder.fadd(sums, bias_v)
+        out_off = builder.add(y_off, builder.mul(const(i), ldy))
+        with builder.if_then(builder.icmp_signed(">", valid, const(i))):
+            value = builder.select(has_res, builder.fadd(value, load(res, out_off)), value)
+            value = builder.select(relu, builder.select(
+                builder.fcmp_ordered("<", value, zero), zero, value), value)
+            builder.store(value, builder.bitcast(builder.gep(y, [out_off]), vptr), align=4)
+
+
+_lanes = make_lanes_kernel(VL, LANE_ROWS)
+
+
+def lanes_fit(weight_shape, groups):
+    """Whether the lanes kernel runs a grouped convolution of these (O, Cin/G, k, k)
+    weights."""
+    o, w_in, _, _ = weight_shape
+    return w_in in LANE_ROWS and o // groups == w_in and o % VL == 0
+
+
+def pack_lanes(weight):
+    """(O, w, k, k) weights -> (O/VL, k, k, w, VL): for each block of VL channels (whole
+    groups), tap and output index o, the vector of W[g*w + o, ci] over lanes (g, ci)."""
+    o, w, k, _ = weight.shape
+    lanes = np.arange(VL)
+    out = aligned_empty((o // VL, k, k, w, VL))
+    for blk in range(o // VL):
+        for oo in range(w):
+            rows = blk * VL + (lanes // w) * w + oo          # output channel per lane
+            # (VL lanes, ky, kx) -> (ky, kx, VL)
+            out[blk, :, :, oo, :] = weight[rows, lanes % w].transpose(1, 2, 0)
+    return out
+
+
+@kernel
+def grouped_lanes(r0, r1, xp, k, stride, out_h, out_w, w, mr, bp, n_out, epi, y2):
+    """Output rows [r0, r1) of a grouped convolution with w channels per group, from the
+    zero-padded NHWC input ``xp``; ``bp`` from :func:`pack_lanes`; ``mr`` is
+    ``LANE_ROWS[w]``; ``epi`` the :class:`~.kernels.Epilogue`."""
+    bias, residual, has_residual, relu = epi
+    _, hp, wp, ch = xp.shape
+    tiles = (out_w + mr - 1) // mr
+    x_ptr, b_ptr, y_ptr, bias_ptr = data_ptr(xp), data_ptr(bp), data_ptr(y2), data_ptr(bias)
+    res_ptr = data_ptr(residual) if has_residual else y_ptr
+    for r in range(r0, r1):
+        n, oy = r // out_h, r % out_h
+        for t in range(tiles):
+            valid = min(mr, out_w - t * mr)
+            for cb in range(ch // VL):
+                a_off = ((n * hp + oy * stride) * wp + t * mr * stride) * ch + cb * VL
+                y_off = (r * out_w + t * mr) * n_out + cb * VL
+                _lanes(w, k, k, Rows(x_ptr, a_off, stride * ch, wp * ch), ch,
+                       Panel(b_ptr, cb * k * k * w * VL), Out(y_ptr, y_off, n_out, False),
+                       valid, Finish(True, bias_ptr, cb * VL, res_ptr, y_off, n_out,
+                                     has_residual, relu))
+
+
+def run_lanes(be, x, conv, epi, y):
+    """Run a convolution on ``GROUPED_LANES`` (see ``paths.RUNNERS``)."""
+    w = conv.out_channels // conv.groups
+    xp = padding.padded(be, x, conv, LANE_ROWS[w])
+    be.step(multiply_lanes, be.executor, xp, conv, epi, y)
+
+
+def multiply_lanes(ex, xp, conv, epi, y):
+    """Threads split the output rows (:func:`grouped_lanes`)."""
+    n, out_h, out_w, o = y.shape
+    y2 = y.reshape(n * out_h * out_w, o)          # (N*oh*ow, O): one row per pixel
+    w = o // conv.groups
+
+    def work(r0, r1):
+        grouped_lanes(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w, w,
+                      LANE_ROWS[w], conv.weight, o, epi, y2)
+    ex.run(n * out_h, work)
+
+
+def lanes_events(conv, x, y, threads, tuning):
+    """The padded input."""
+    return padding.events(x, conv, LANE_ROWS[y[3] // conv.groups]) + [("free", "padded")]
+
+
+# -- GROUPED_DIRECT ---------------------------------------------------------------------------
+def pack_grouped(w, groups):
+    """(O, Cin/G, k, k) grouped weights -> (G, panels, k*k*Cin/G, NR_G): per group, rows in
+    (ky, kx, ci) order and NR_G-wide column panels, zero-padded."""
+    o, w_in, k, _ = w.shape
+    w_out = o // groups
+    panels = -(-w_out // NR_G)
+    padded = np.zeros((groups, panels * NR_G, w_in, k, k), np.float32)
+    padded[:, :w_out] = w.reshape(groups, w_out, w_in, k, k)
+    # (G, panel, NR_G, ci, ky, kx) -> (G, panel, ky, kx, ci, NR_G)
+    blocks = padded.reshape(groups, panels, NR_G, w_in, k, k).transpose(0, 1, 4, 5, 3, 2)
+    packed = aligned_empty((groups, panels, k * k * w_in, NR_G))
+    packed[:] = blocks.reshape(groups, panels, k * k * w_in, NR_G)
+    return packed
+
+
+@kernel
+def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, y2, c):
+    """A grouped convolution of output rows [r0, r1), per group a direct convolution like
+    ``direct.conv_direct``.
+
+    For kernel row ``ky``, the group's ``Cin/G`` channels of one pixel are contiguous and the
+    next ``kx`` is ``C`` floats further: the microkernel walks them in ``k`` runs, and the
+    ``k`` kernel rows accumulate in the output tile. ``bp`` from :func:`pack_grouped`; ``c``
+    (tiles * MR_G, NR_G) is this thread's scratch.
+    """
+    bias, residual, has_residual, relu = epi
+    _, hp, wp, ch = xp.shape
+    _, panels, kdim, _ = bp.shape
+    w_in = ch // groups
+    w_out = n_out // groups
+    tiles = (out_w + MR_G - 1) // MR_G
+    whole_tiles = out_w // MR_G
+    x_ptr, b_ptr, c_ptr = data_ptr(xp), data_ptr(bp), data_ptr(c)
+    y_ptr, bias_ptr = data_ptr(y2), data_ptr(bias)
+    res_ptr = data_ptr(residual) if has_residual else y_ptr
+    for r in range(r0, r1):
+        n, oy = r // out_h, r % out_h
+        for g in range(groups):
+            for jp in range(panels):
+                col = g * w_out + jp * NR_G
+                width = min(NR_G, w_out - jp * NR_G)
+                b_base = (g * panels + jp) * kdim * NR_G
+                for t in range(tiles):
+                    direct = t < whole_tiles and width == NR_G
+                    out = (r * out_w + t * MR_G) * n_out + col
+                    for ky in range(k):
+                        a = Rows(x_ptr, (((n * hp + oy * stride + ky) * wp + t * MR_G * stride)
+                                         * ch + g * w_in), stride * ch, ch)
+                        b_off = b_base + ky * k * w_in * NR_G
+                        if direct:
+                            _microkernel_g(MR_G, w_in, k, a, Panel(b_ptr, b_off),
+                                           Out(y_ptr, out, n_out, ky > 0),
+                                           Finish(ky == k - 1, bias_ptr, col, res_ptr, out,
+                                                  n_out, has_residual, relu),
+                                           Prefetch(b_off, 0))
+                        else:
+                            _microkernel_g(MR_G, w_in, k, a, Panel(b_ptr, b_off),
+                                           Out(c_ptr, t * MR_G * NR_G, NR_G, ky > 0),
+                                           plain(c_ptr), Prefetch(b_off, 0))
+                # Ragged tiles: from the scratch, with the epilogue, the valid part only.
+                first = 0 if width < NR_G else whole_tiles * MR_G
+                for ox in range(first, out_w):
+                    m = r * out_w + ox
+                    for j in range(width):
+                        v = c[ox, j] + bias[col + j]
+                        if has_residual:
+                            v += residual[m, col + j]
+                        if relu and v < 0:
+                            v = np.float32(0.0)
+                        y2[m, col + j] = v
+
+
+def run_direct(be, x, conv, epi, y):
+    """Run a convolution on ``GROUPED_DIRECT`` (see ``paths.RUNNERS``)."""
+    xp = padding.padded(be, x, conv, MR_G)
+    be.step(multiply_direct, be.executor, xp, conv, epi, y)
+
+
+def _scratch_width(out_w):
+    """Rows of a thread's ragged-tile scratch: a whole output row of tiles."""
+    return -(-out_w // MR_G) * MR_G
+
+
+def multiply_direct(ex, xp, conv, epi, y):
+    """Threads split the output rows (:func:`grouped_direct`)."""
+    n, out_h, out_w, o = y.shape
+    y2 = y.reshape(n * out_h * out_w, o)          # (N*oh*ow, O): one row per pixel
+    width = _scratch_width(out_w)
+
+    def work(r0, r1):
+        scratch = thread_scratch("grouped_c", (width, NR_G))
+        grouped_direct(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w, conv.groups,
+                       conv.weight, o, epi, y2, scratch)
+    ex.run(n * out_h, work)
+
+
+def direct_events(conv, x, y, threads, tuning):
+    """The padded input and each thread's ragged-tile scratch."""
+    return padding.events(x, conv, MR_G) + [
+        ("scratch", "grouped_c", threads * nbytes((_scratch_width(y[2]), NR_G))),
+        ("free", "padded")]
