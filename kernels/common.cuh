@@ -3,10 +3,14 @@
 // Kernels are templates over the element type T (float or __half); arithmetic happens in
 // float and is rounded to T once, on store. Each .cu file instantiates its kernels for both
 // types at the end, so nvcc checks real code and CuPy (NVRTC) finds them by name, e.g.
-// "im2col_nhwc<float>".
+// "max_pool_nhwc<float>".
 //
 // Defining NUMRES_NO_HALF leaves out everything half-precision (and cuda_fp16.h), so the
 // float32 build never depends on that header being found.
+//
+// numres pastes this header into the program text in place of each #include "common.cuh"
+// (numres/backends/cupy/kernels.py): CuPy's compile cache is keyed on the text it is given,
+// so an edit here must change that text. The same text is compiled for the CPU in the tests.
 #pragma once
 
 typedef long long index_t;  // 64-bit indices: large batches exceed 2^31 elements

@@ -1,8 +1,10 @@
-// The fused epilogue of a convolution GEMM: bias + residual + ReLU in one pass.
+// Epilogues: bias + residual + ReLU in one pass after a GEMM (used where cuBLASLt cannot fuse
+// them into the GEMM itself), and the unfolded batch norm.
 #include "common.cuh"
 
 // In place on y (M, O): y = relu?(y + bias + residual?); residual is read only when
-// has_residual (otherwise any valid pointer).
+// has_residual (otherwise any pointer, NULL
+// included).
 template <typename T>
 __global__ void bias_act(T* __restrict__ y, const T* __restrict__ bias,
                          const T* __restrict__ residual, int has_residual, index_t m, int o,
@@ -13,25 +15,6 @@ __global__ void bias_act(T* __restrict__ y, const T* __restrict__ bias,
         if (has_residual) v += to_float(residual[i]);
         if (relu) v = fmaxf(v, 0.0f);
         y[i] = from_float<T>(v);
-    }
-}
-
-// Grouped convolution: per-group GEMM results yg (G, M, O/G) interleaved into out (M, O),
-// with the same epilogue. One thread per element of out.
-template <typename T>
-__global__ void bias_act_grouped(const T* __restrict__ yg, const T* __restrict__ bias,
-                                 const T* __restrict__ residual, int has_residual,
-                                 T* __restrict__ out, index_t m, int o, int groups, int relu) {
-    const int og = o / groups;
-    const index_t total = m * o;
-    FOR_EACH(i, total) {
-        int oc = (int)(i % o);
-        index_t r = i / o;
-        int g = oc / og;
-        float v = to_float(yg[((index_t)g * m + r) * og + (oc - g * og)]) + to_float(bias[oc]);
-        if (has_residual) v += to_float(residual[i]);
-        if (relu) v = fmaxf(v, 0.0f);
-        out[i] = from_float<T>(v);
     }
 }
 
@@ -55,12 +38,6 @@ template __global__ void bias_act<float>(float*, const float*, const float*, int
 #ifndef NUMRES_NO_HALF
 template __global__ void bias_act<__half>(__half*, const __half*, const __half*, int, index_t,
                                           int, int);
-#endif
-template __global__ void bias_act_grouped<float>(const float*, const float*, const float*, int,
-                                                 float*, index_t, int, int, int);
-#ifndef NUMRES_NO_HALF
-template __global__ void bias_act_grouped<__half>(const __half*, const __half*, const __half*,
-                                                  int, __half*, index_t, int, int, int);
 #endif
 template __global__ void batch_norm<float>(const float*, const float*, const float*,
                                            const float*, int, float*, index_t, int, int);

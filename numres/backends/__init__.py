@@ -22,7 +22,7 @@ __all__ = ["BACKEND_NAMES", "Backend", "PassOp", "available_backends", "availabl
 
 # name -> (module, class); tried in this order by "auto" (fastest first)
 _REGISTRY = {
-    "cupy": (".cupy_backend", "CupyBackend"),
+    "cupy": (".cupy.backend", "CupyBackend"),
     "numba": (".numba", "NumbaBackend"),
     "numpy": (".numpy_backend", "NumpyBackend"),
 }
