@@ -1,11 +1,32 @@
 """Convolution cases and reference helpers shared by the backend tests.
 
 Kept apart from ``test_ops.py`` (which skips as a whole where Numba is missing) so that the
-CUDA tests collect on any machine. ``test_ops.py`` holds the same list; a case added there
-belongs here too.
+CUDA tests collect on any machine.
 """
 
+import threading
+
 import numpy as np
+
+
+def calls_from_two_threads_differ(model, inputs, rounds):
+    """Call ``model`` on ``inputs[0]`` and ``inputs[1]`` from two threads at once, ``rounds``
+    times each; return the indices whose output ever differed from a call made alone (a
+    model's reused buffers must not leak between threads)."""
+    expected = [model(x) for x in inputs]
+    errors = []
+
+    def worker(i):
+        for _ in range(rounds):
+            if not np.array_equal(model(inputs[i]), expected[i]):
+                errors.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 def run_conv(backend, x, w, b, stride, padding, groups, relu=False, residual=None):

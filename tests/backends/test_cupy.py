@@ -32,7 +32,8 @@ from numres.backends.numpy_backend import NumpyBackend
 from numres.models import memory
 
 from .conftest import real_cupy_has_a_gpu
-from .conv_cases import CONV_CASES, case_id, reference_conv, run_conv
+from .conv_cases import (CONV_CASES, calls_from_two_threads_differ, case_id, reference_conv,
+                         run_conv)
 
 ORACLE = NumpyBackend()
 ROOT = Path(__file__).resolve().parents[2]
@@ -262,21 +263,7 @@ def test_two_threads_share_one_model(cuda, rng, cuda_graph):
     model = numres.build("resnet18", weights=sd, num_classes=7,
                          backend=cuda.backend(cuda_graph=cuda_graph))
     inputs = [rng.standard_normal((2, 3, 32, 32 + 8 * i)).astype(np.float32) for i in (0, 1)]
-    expected = [model(x) for x in inputs]
-    errors = []
-
-    def worker(i):
-        for _ in range(3):
-            out = model(inputs[i])
-            if not np.array_equal(out, expected[i]):
-                errors.append(i)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert calls_from_two_threads_differ(model, inputs, rounds=3) == []
 
 
 def test_memory_estimate_bounds_what_the_device_holds(cuda):

@@ -1,7 +1,5 @@
 """Each backend op against the NumPy reference (the oracle), on every code path."""
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -10,7 +8,8 @@ from numres.backends import get_backend
 from numres.backends.numpy_backend import NumpyBackend, im2col
 
 # Shared with the CUDA tests, which must collect where Numba is missing (this file skips).
-from .conv_cases import CONV_CASES, case_id, reference_conv, run_conv
+from .conv_cases import (CONV_CASES, calls_from_two_threads_differ, case_id, reference_conv,
+                         run_conv)
 
 ORACLE = NumpyBackend()
 
@@ -148,21 +147,7 @@ def test_two_threads_share_one_model(backend, rng):
     """Reused buffers must not leak between threads calling the same model at once."""
     model = numres.resnet18(num_classes=7, backend=backend)
     inputs = [rng.standard_normal((2, 3, 48, 48)).astype(np.float32) for _ in range(2)]
-    expected = [model(x) for x in inputs]
-    errors = []
-
-    def worker(i):
-        for _ in range(6):
-            out = model(inputs[i])
-            if not np.array_equal(out, expected[i]):
-                errors.append(i)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert calls_from_two_threads_differ(model, inputs, rounds=6) == []
 
 
 def test_thread_setting_is_respected(monkeypatch):
