@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from . import _formats
-from ._pickle_vm import Budget
+from ._pickle_vm import Budget, preview
 from ._safetensors import is_safetensors, read_safetensors
 from ._torch_names import BFLOAT16, TensorRef
 from ._writer import save_pth
@@ -130,7 +130,7 @@ def _state_dict_refs(obj, source):
                 return _state_dict_refs(obj[key], source)
     for name, value in obj.items():
         if type(name) is not str:
-            raise CheckpointError(f"{source}: state dict key {name!r:.40} is not a string")
+            raise CheckpointError(f"{source}: state dict key {preview(name, 40)} is not a string")
         if not isinstance(value, TensorRef):
             raise CheckpointError(f"{source}: entry {name!r} is a {type(value).__name__}, "
                                   "not a tensor")

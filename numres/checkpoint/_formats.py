@@ -42,7 +42,7 @@ import zipfile
 import numpy as np
 
 from ..errors import CheckpointError
-from ._pickle_vm import Marker, Unpickler
+from ._pickle_vm import Marker, Unpickler, preview
 from ._torch_names import (ALLOWED, StorageRef, TensorRef, check_int_tuple, check_location,
                            storage_type)
 
@@ -106,12 +106,12 @@ def read_zip(buf, source, budget):
 
     def persistent_load(pid):
         if type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage":
-            raise CheckpointError(f"unexpected persistent id {pid!r:.80}")
+            raise CheckpointError(f"unexpected persistent id {preview(pid, 80)}")
         _, type_global, key, location, numel = pid
         stype = storage_type(type_global, "persistent id")
         check_location(location, "persistent id")
         if type(key) is not str or type(numel) is not int or numel < 0:
-            raise CheckpointError(f"malformed storage id {pid!r:.80}")
+            raise CheckpointError(f"malformed storage id {preview(pid, 80)}")
         name = prefix + "data/" + key
         if name not in records:
             raise CheckpointError(f"storage record {name} is missing from the archive")
@@ -150,26 +150,27 @@ def _zip_records(buf, infos, source):
     for info in infos:
         name = info.filename
         if not name.startswith(prefix) or ".." in name.split("/") or name.startswith("/"):
-            raise CheckpointError(f"{source}: zip member {name!r:.80} is outside {prefix}")
+            raise CheckpointError(f"{source}: zip member {preview(name, 80)} is outside {prefix}")
         if name in records:
-            raise CheckpointError(f"{source}: zip member {name!r:.80} appears twice")
+            raise CheckpointError(f"{source}: zip member {preview(name, 80)} appears twice")
         if info.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(f"{source}: zip member {name!r:.80} is compressed; torch "
+            raise CheckpointError(f"{source}: zip member {preview(name, 80)} is compressed; torch "
                                   "stores members uncompressed and numres will not inflate")
         if info.flag_bits & 0x1:
-            raise CheckpointError(f"{source}: zip member {name!r:.80} is encrypted")
+            raise CheckpointError(f"{source}: zip member {preview(name, 80)} is encrypted")
         at = info.header_offset
         header = bytes(buf[at:at + 30])
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
-            raise CheckpointError(f"{source}: bad local header for {name!r:.80}")
+            raise CheckpointError(f"{source}: bad local header for {preview(name, 80)}")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         local_name = bytes(buf[at + 30:at + 30 + name_len])
         if local_name.decode("utf-8", "replace") != name and \
                 local_name.decode("cp437", "replace") != name:
-            raise CheckpointError(f"{source}: local and central names differ for {name!r:.80}")
+            raise CheckpointError(f"{source}: local and central names differ for "
+                                  f"{preview(name, 80)}")
         start = at + 30 + name_len + extra_len
         if info.compress_size != info.file_size or start + info.file_size > len(buf):
-            raise CheckpointError(f"{source}: zip member {name!r:.80} claims "
+            raise CheckpointError(f"{source}: zip member {preview(name, 80)} claims "
                                   f"{info.file_size} bytes beyond the end of the file")
         records[name] = (start, info.file_size)
         spans.append((start, start + info.file_size, name))
@@ -225,30 +226,30 @@ def read_legacy(buf, source, budget):
     if magic != LEGACY_MAGIC:
         raise CheckpointError(f"{source}: invalid magic number")
     if protocol != LEGACY_PROTOCOL:   # torch's loader checks this too
-        raise CheckpointError(f"{source}: legacy protocol {protocol!r:.20}, expected 1001")
+        raise CheckpointError(f"{source}: legacy protocol {preview(protocol, 20)}, expected 1001")
     writer_order = _sys_info_order(sys_info, source)
 
     roots = {}
 
     def persistent_load(pid):
         if type(pid) is not tuple or len(pid) != 6 or pid[0] != "storage":
-            raise CheckpointError(f"unexpected persistent id {pid!r:.80}")
+            raise CheckpointError(f"unexpected persistent id {preview(pid, 80)}")
         _, type_global, key, location, numel, view = pid
         stype = storage_type(type_global, "persistent id")
         check_location(location, "persistent id")
         if type(key) is not str or type(numel) is not int or numel < 0:
-            raise CheckpointError(f"malformed storage id {pid!r:.80}")
+            raise CheckpointError(f"malformed storage id {preview(pid, 80)}")
         root = roots.setdefault(key, StorageRef(key, stype, numel, location))
         if root.stype != stype or root.numel != numel:
             raise CheckpointError(f"storage {key} is described two different ways")
         if view is None:
             return root
         if type(view) is not tuple or len(view) != 3:
-            raise CheckpointError(f"malformed storage view {view!r:.80}")
+            raise CheckpointError(f"malformed storage view {preview(view, 80)}")
         view_key, offset, size = view
         check_int_tuple((offset, size), "storage view")
         if offset + size > numel:
-            raise CheckpointError(f"storage view {view_key!r:.40} (elements {offset} to "
+            raise CheckpointError(f"storage view {preview(view_key, 40)} (elements {offset} to "
                                   f"{offset + size}) exceeds its root {key} of {numel}")
         return StorageRef(str(view_key), stype, size, location, view_of=(key, offset))
 
@@ -294,7 +295,7 @@ def _sys_info_order(sys_info, source):
         raise CheckpointError(f"{source}: sys_info is a {type(sys_info).__name__}, not a dict")
     little = sys_info.get("little_endian", True)
     if type(little) is not bool:
-        raise CheckpointError(f"{source}: sys_info.little_endian is {little!r:.20}")
+        raise CheckpointError(f"{source}: sys_info.little_endian is {preview(little, 20)}")
     return "<" if little else ">"
 
 
@@ -330,8 +331,8 @@ def read_tar(buf, source, budget):
     long_size = sys_info.get("type_sizes", {}).get("long", 8) \
         if isinstance(sys_info.get("type_sizes"), dict) else 8
     if long_size != 8:
-        raise CheckpointError(f"{source}: written where a C long has {long_size!r:.10} bytes; "
-                              "numres reads TAR files with 8-byte longs (as torch 0.1 wrote)")
+        raise CheckpointError(f"{source}: written where a C long has {preview(long_size, 10)} "
+                              "bytes; numres reads TAR files with 8-byte longs (torch 0.1's)")
 
     storages, data_at = _tar_storages(buf, *members["storages"], order, source, budget)
     tensors = _tar_tensors(buf, *members["tensors"], storages, order, source, budget)
@@ -339,10 +340,11 @@ def read_tar(buf, source, budget):
     def persistent_load(pid):
         # Tensors are pickled as their key in the tensor table (str or int of id()).
         if type(pid) is tuple:
-            raise CheckpointError(f"persistent id {pid!r:.60} refers to pickled module source")
+            raise CheckpointError(f"persistent id {preview(pid, 60)} refers to pickled module "
+                                  "source")
         key = str(pid)
         if type(pid) not in (str, int) or key not in tensors:
-            raise CheckpointError(f"persistent id {pid!r:.40} is not in the tensor table")
+            raise CheckpointError(f"persistent id {preview(pid, 40)} is not in the tensor table")
         return tensors[key]
 
     start, end = members["pickle"]
@@ -404,10 +406,10 @@ def _tar_members(buf, source, budget):
         pax = None
         if kind not in (b"0", b"\0"):
             what = _TAR_KINDS.get(kind, f"of unknown type {kind!r}")
-            raise CheckpointError(f"{source}: TAR member {name!r:.80} is {what}, not a "
+            raise CheckpointError(f"{source}: TAR member {preview(name, 80)} is {what}, not a "
                                   "regular file")
         if name not in TAR_MEMBERS:
-            raise CheckpointError(f"{source}: unexpected TAR member {name!r:.80}")
+            raise CheckpointError(f"{source}: unexpected TAR member {preview(name, 80)}")
         if name in members:
             raise CheckpointError(f"{source}: TAR member {name} appears twice")
         if start + size > len(buf):
@@ -475,7 +477,7 @@ def _pax_records(data, where):
 
 def _pax_size(text, where):
     if not text.isdigit() or len(text) > 20:
-        raise CheckpointError(f"{where}: PAX size {text!r:.30} is not a byte count")
+        raise CheckpointError(f"{where}: PAX size {preview(text, 30)} is not a byte count")
     return int(text)
 
 
@@ -488,12 +490,12 @@ def _tar_storages(buf, pos, end, order, source, budget):
     where = f"{source}: storages"
     count, pos = _unpickle(buf, pos, end, None, where, budget, allowed={})
     if type(count) is not int or count < 0:
-        raise CheckpointError(f"{where}: storage count is {count!r:.20}")
+        raise CheckpointError(f"{where}: storage count is {preview(count, 20)}")
     storages, data_at = {}, {}
     for _ in range(count):
         record, pos = _unpickle(buf, pos, end, None, where, budget)
         if type(record) is not tuple or len(record) not in (2, 3):
-            raise CheckpointError(f"{where}: malformed storage record {record!r:.80}")
+            raise CheckpointError(f"{where}: malformed storage record {preview(record, 80)}")
         key, location, type_global = record if len(record) == 3 else \
             (record[0], "cpu", record[1])
         key = _table_key(key, where)
@@ -516,12 +518,15 @@ def _tar_storages(buf, pos, end, order, source, budget):
         raise CheckpointError(f"{where}: storage views are not a list")
     for view in views:
         if type(view) not in (tuple, list) or len(view) != 4:
-            raise CheckpointError(f"{where}: malformed storage view {view!r:.80}")
+            raise CheckpointError(f"{where}: malformed storage view {preview(view, 80)}")
         target, root, offset, numel = view
         target, root = _table_key(target, where), _table_key(root, where)
         check_int_tuple((offset, numel), "storage view")
         if target in storages:
             raise CheckpointError(f"{where}: storage view {target} reuses a storage key")
+        if root in storages and storages[root].view_of is not None:
+            # torch 0.1 saved a view's root in its place; chains would only cost recursion.
+            raise CheckpointError(f"{where}: storage view {target} is a view of view {root}")
         if root not in storages or offset + numel > storages[root].numel:
             raise CheckpointError(f"{where}: storage view {target} (elements {offset} to "
                                   f"{offset + numel}) exceeds root {root}")
@@ -543,18 +548,18 @@ def _tar_tensors(buf, pos, end, storages, order, source, budget):
     where = f"{source}: tensors"
     count, pos = _unpickle(buf, pos, end, None, where, budget, allowed={})
     if type(count) is not int or count < 0:
-        raise CheckpointError(f"{where}: tensor count is {count!r:.20}")
+        raise CheckpointError(f"{where}: tensor count is {preview(count, 20)}")
     tensors = {}
     for _ in range(count):
         record, pos = _unpickle(buf, pos, end, None, where, budget)
         if type(record) is not tuple or len(record) != 3:
-            raise CheckpointError(f"{where}: malformed tensor record {record!r:.80}")
+            raise CheckpointError(f"{where}: malformed tensor record {preview(record, 80)}")
         key, storage_key, tensor_type = record
         if isinstance(storage_key, Marker):          # the first 0.1 writers' order
             storage_key, tensor_type = tensor_type, storage_key
         if not isinstance(tensor_type, Marker) or not tensor_type.name.endswith("Tensor"):
             raise CheckpointError(f"{where}: expected a torch tensor type, got "
-                                  f"{tensor_type!r:.60}")
+                                  f"{preview(tensor_type, 60)}")
         key = _table_key(key, where)
         if storage_key is None:
             raise CheckpointError(f"{where}: tensor {key} has no storage (an empty torch 0.1 "
@@ -586,7 +591,7 @@ def _tar_tensors(buf, pos, end, storages, order, source, budget):
 
 def _table_key(key, where):
     if type(key) not in (str, int):
-        raise CheckpointError(f"{where}: table key {key!r:.40} is not a str or int")
+        raise CheckpointError(f"{where}: table key {preview(key, 40)} is not a str or int")
     return str(key)
 
 

@@ -11,6 +11,7 @@ list, dict, and whatever the allowlisted stand-ins return.
 """
 
 import codecs
+import reprlib
 import struct
 
 from ..errors import CheckpointError
@@ -49,6 +50,25 @@ class Budget:
     def __repr__(self):
         return (f"Budget(ops={self.ops}/{self.max_ops}, bytes_read={self.bytes_read}, "
                 f"headers={self.headers})")
+
+
+# Bounded previews of file values for error messages. A pickle can nest a tuple in itself
+# through DUP or the memo (``)2\x86 2\x86 ...``): each level doubles what repr() or hash()
+# walks, so an 85-byte file would cost days. reprlib stops at a depth and a width.
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel = 3
+_PREVIEW.maxtuple = _PREVIEW.maxlist = _PREVIEW.maxdict = _PREVIEW.maxset = 6
+_PREVIEW.maxstring = _PREVIEW.maxother = 60
+_PREVIEW.maxlong = 40
+# Dict keys a state dict (or a training checkpoint around it) uses. Anything else, tuples
+# above all, would be hashed, and a self-nested tuple's hash is exponential too.
+KEY_TYPES = (str, int, bytes, float, bool, type(None))
+
+
+def preview(value, width=80):
+    """A short repr of ``value`` whose cost is bounded whatever the value (see ``_PREVIEW``)."""
+    text = _PREVIEW.repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 class Global:
@@ -200,9 +220,7 @@ class Unpickler:
         return found
 
     def _hashable(self, key):
-        try:
-            hash(key)
-        except TypeError:
+        if type(key) not in KEY_TYPES:
             self._fail(f"dict key of type {type(key).__name__} is not allowed")
         return key
 

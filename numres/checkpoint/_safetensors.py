@@ -24,6 +24,7 @@ import struct
 import numpy as np
 
 from ..errors import CheckpointError
+from ._pickle_vm import preview
 
 # The reference refuses headers over 100 MB; a ResNet-152 header is ~60 kB. Parsing JSON costs
 # ~25x its size in Python objects, so numres keeps its cap where a refusal stays small.
@@ -102,8 +103,8 @@ def _parse_header(raw, source):
     try:
         header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except _Duplicate as exc:
-        raise CheckpointError(f"{source}: safetensors header repeats the key {exc.key!r:.80}; "
-                              "the file is ambiguous") from None
+        raise CheckpointError(f"{source}: safetensors header repeats the key "
+                              f"{preview(exc.key, 80)}; the file is ambiguous") from None
     except (ValueError, RecursionError) as exc:     # JSONDecodeError is a ValueError
         raise CheckpointError(f"{source}: safetensors header is not valid JSON "
                               f"({str(exc):.200})") from None
@@ -115,13 +116,13 @@ def _parse_header(raw, source):
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{source}: safetensors __metadata__ must map strings to strings, "
-                              f"got {metadata!r:.80}")
+                              f"got {preview(metadata, 80)}")
     entries = {name: _entry(name, info, source) for name, info in header.items()}
     return entries, metadata
 
 
 def _entry(name, info, source):
-    where = f"{source}: tensor {name!r:.100}"
+    where = f"{source}: tensor {preview(name, 100)}"
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: entry must be an object with dtype, shape and "
                               f"data_offsets, got {type(info).__name__}")
@@ -133,10 +134,11 @@ def _entry(name, info, source):
         raise CheckpointError(f"{where}: dtype {dtype_name} (a sub-16-bit float) is not "
                               f"supported; numres reads {', '.join(DTYPES)}")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise CheckpointError(f"{where}: unknown dtype {dtype_name!r:.40}; safetensors names "
-                              f"are {', '.join(DTYPES)}")
+        raise CheckpointError(f"{where}: unknown dtype {preview(dtype_name, 40)}; safetensors "
+                              f"names are {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-        raise CheckpointError(f"{where}: shape must be a list of integers, got {shape!r:.80}")
+        raise CheckpointError(f"{where}: shape must be a list of integers, got "
+                              f"{preview(shape, 80)}")
     if any(d < 0 for d in shape):
         raise CheckpointError(f"{where}: shape {shape} has a negative dimension")
     if len(shape) > MAX_DIMS:
@@ -144,7 +146,7 @@ def _entry(name, info, source):
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets)):
         raise CheckpointError(f"{where}: data_offsets must be [begin, end], two integers >= 0, "
-                              f"got {offsets!r:.80}")
+                              f"got {preview(offsets, 80)}")
     begin, end = offsets
     if begin > end:
         raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
@@ -161,8 +163,8 @@ def _check_layout(entries, data_size, source):
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
         if begin != expected:
             what = "overlaps the tensor before it" if begin < expected else "leaves a gap"
-            raise CheckpointError(f"{source}: tensor {name!r:.100} at data_offsets [{begin}, "
-                                  f"{end}] {what} (expected it to begin at {expected})")
+            raise CheckpointError(f"{source}: tensor {preview(name, 100)} at data_offsets "
+                                  f"[{begin}, {end}] {what} (expected it to begin at {expected})")
         expected = end
     if expected != data_size:
         if expected > data_size:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CheckpointError
-from ._pickle_vm import Constructor, Marker, StateDict
+from ._pickle_vm import KEY_TYPES, Constructor, Marker, StateDict, preview
 
 # torch storage/tensor type prefix -> NumPy dtype. bfloat16 has no NumPy dtype: it is read
 # as its 16-bit pattern and widened to float32 (exact) when the tensor is built.
@@ -61,7 +61,7 @@ def _is_int(x):
 def check_int_tuple(value, what):
     """Return ``value`` as a tuple of non-negative ints, or raise naming ``what``."""
     if type(value) not in (tuple, list) or not all(_is_int(v) for v in value):
-        raise CheckpointError(f"tensor {what} must be a tuple of ints, got {value!r:.80}")
+        raise CheckpointError(f"tensor {what} must be a tuple of ints, got {preview(value, 80)}")
     if any(v < 0 for v in value):
         raise CheckpointError(f"tensor {what} {tuple(value)} has a negative entry")
     if len(value) > 32:
@@ -74,7 +74,8 @@ def _tensor_ref(storage, offset, size, stride):
         raise CheckpointError(f"tensor storage must come from a persistent id, got "
                               f"{type(storage).__name__}")
     if not _is_int(offset) or offset < 0:
-        raise CheckpointError(f"tensor storage offset must be an int >= 0, got {offset!r:.40}")
+        raise CheckpointError(f"tensor storage offset must be an int >= 0, got "
+                              f"{preview(offset, 40)}")
     size = check_int_tuple(size, "size")
     stride = check_int_tuple(stride, "stride")
     if len(size) != len(stride):
@@ -114,10 +115,9 @@ def _ordered_dict(items=()):
         if type(pair) not in (list, tuple) or len(pair) != 2:
             raise CheckpointError("OrderedDict item is not a (key, value) pair")
         key, value = pair
-        try:
-            out[key] = value
-        except TypeError:
-            raise CheckpointError(f"OrderedDict key of type {type(key).__name__}") from None
+        if type(key) not in KEY_TYPES:     # never hash a tuple from a file (see KEY_TYPES)
+            raise CheckpointError(f"OrderedDict key of type {type(key).__name__}")
+        out[key] = value
     return out
 
 
@@ -144,7 +144,7 @@ def storage_type(value, where):
     """The :class:`StorageType` a pickled storage-type global stands for."""
     if not isinstance(value, Marker) or not isinstance(value.payload, StorageType) \
             or not value.name.endswith("Storage"):
-        raise CheckpointError(f"{where}: expected a torch storage type, got {value!r:.60}")
+        raise CheckpointError(f"{where}: expected a torch storage type, got {preview(value, 60)}")
     return value.payload
 
 
@@ -153,5 +153,5 @@ def check_location(location, where):
     if type(location) is not str or not (
             location == "cpu" or location == "cuda"
             or (location.startswith("cuda:") and location[5:].isdigit())):
-        raise CheckpointError(f"{where}: unexpected storage location {location!r:.40}")
+        raise CheckpointError(f"{where}: unexpected storage location {preview(location, 40)}")
     return location

@@ -407,3 +407,23 @@ def test_zip_overlapping_members():
             break
     data[at + 42:at + 46] = struct.pack("<I", nested_at)
     refused(bytes(data), match="overlap")
+
+
+@pytest.mark.parametrize("depth", [40, 400])
+def test_self_nesting_tuples_cost_nothing(depth):
+    """DUP builds a tuple holding itself twice per level: its repr and hash double each level
+    (an 85-byte file would run for days). Refused at once: error messages use a bounded
+    preview, and tuples are never dict keys."""
+    nested = b"\x80\x02)" + b"2\x86" * depth
+    refused(zip_with_pickle(nested + b"Q."), match="unexpected persistent id")
+    refused(zip_with_pickle(b"\x80\x02}" + nested[2:] + b"Ns."), match="dict key of type tuple")
+    ordered = P().proto().glob("collections", "OrderedDict").raw(b"]")
+    ordered.raw(nested[2:]).raw(b"N\x86a\x85R.")
+    refused(zip_with_pickle(ordered.bytes), match="OrderedDict key of type tuple")
+
+
+def test_tar_view_of_a_view(tmp_path):
+    views = [(6, 5, 0, 3), (7, 6, 0, 2)]                 # 7 views 6, which views root 5
+    data = rebuilt(old_tar(tmp_path),
+                   storages=storages_member([(5, "cpu", 4, b"\0" * 16)], views=views))
+    refused(data, match="storage view 7 is a view of view 6")
