@@ -262,7 +262,8 @@ def main(argv=None):
         else:
             args.func(args)
     except (FileNotFoundError, IsADirectoryError, CheckpointError, DownloadError,
-            BackendUnavailable, ValueError, TypeError, ImportError, OSError) as exc:
+            BackendUnavailable, ValueError, TypeError, ImportError, OSError, MemoryError,
+            RuntimeError) as exc:
         print(f"numres: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

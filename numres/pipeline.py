@@ -20,8 +20,10 @@ Example:
 
 import collections
 import concurrent.futures
+import json
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +120,8 @@ def read_image(path, draft_size=None):
         raise ImageError(path, "no such file") from None
     except IsADirectoryError:
         raise ImageError(path, "is a directory") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, MemoryError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, MemoryError,
+            struct.error, ZeroDivisionError, KeyError, TypeError) as exc:
         # Pillow's plugins raise all of these for damaged files (SyntaxError from parsers).
         raise ImageError(path, str(exc) or type(exc).__name__) from None
 
@@ -250,7 +253,7 @@ def write_arrays(model, paths, out, *, output="features", resume=False, progress
     if not state.is_prefix_of(paths):
         state.close()
         raise ValueError(f"cannot resume {out}: the input's first {done} files differ from "
-                         f"those the killed run processed ({names['partial_files']}); run "
+                         f"those the killed run processed ({names['partial_log']}); run "
                          "without --resume to start over")
     bar = image_progress(len(paths), done, enabled=progress)
     try:
@@ -273,7 +276,8 @@ def output_names(out):
         if out.endswith(suffix):
             stem = out[:-len(suffix)]
     return {"out": out, "files": stem + ".files.txt", "errors": stem + ".errors.txt",
-            "partial": out + ".partial", "partial_files": stem + ".files.txt.partial",
+            "partial": out + ".partial", "partial_log": out + ".partial.log",
+            "partial_files": stem + ".files.txt.partial",
             "partial_errors": stem + ".errors.txt.partial"}
 
 
@@ -289,77 +293,113 @@ def _chunks(results, size):
 
 
 class _Partial:
-    """The files of a run in progress: rows in a memory-mapped ``.npy`` sized for every input
-    (trimmed at the end), and the two lists, appended after their rows are flushed so that
-    what the lists say is done is on disk."""
+    """A run in progress: rows in a memory-mapped ``.npy`` (or zarr array) sized for every
+    input and trimmed at the end, and one log of the processed files, a JSON line each in
+    input order (``{"path": ...}`` or ``{"path": ..., "error": ...}``), appended after the
+    rows it vouches for are flushed. One log rather than the two lists, so that a kill can
+    never leave them disagreeing; JSON, so that any path or reason fits on its line."""
 
     def __init__(self, names, total, width, resume):
         self.names, self.total, self.width = names, total, width
         store = _ZarrRows if names["out"].endswith(".zarr") else _NpyRows
-        if resume and os.path.exists(names["partial"]):
-            self.rows = store.open(names["partial"], total, width)
-            good = _complete_lines(names["partial_files"])
-            bad = _complete_lines(names["partial_errors"])
+        log = names["partial_log"]
+        if resume and os.path.exists(names["partial"]) and os.path.exists(log):
+            self.entries = _read_log(log)               # cuts an unfinished last line off
+            good = sum(1 for _, error in self.entries if error is None)
+            # A kill inside finish() may have trimmed the rows already.
+            rows = (total, good) if len(self.entries) == total else (total,)
+            self.rows = store.open(names["partial"], rows, width)
         else:
             self.rows = store.create(names["partial"], total, width)
-            good, bad = [], []
-        self.good, self.bad = good, [tuple(line.split("\t", 1)) for line in bad]
-        self.files = open(names["partial_files"], "w", encoding="utf-8")
-        self.files.writelines(f"{p}\n" for p in self.good)
-        self.errors = open(names["partial_errors"], "w", encoding="utf-8")
-        self.errors.writelines(f"{p}\t{r}\n" for p, r in self.bad)
-        self._sync_lists()
+            self.entries = []
+            open(log, "w").close()
+        self.log = open(log, "a", encoding="utf-8")
 
     def is_prefix_of(self, paths):
-        """Whether the killed run processed the first files of ``paths``, in order: the good
-        ones are the lists' good files and the rest its skipped ones, each in order."""
-        prefix = paths[:self.done]
-        skipped = {p for p, _ in self.bad}
-        return [p for p in prefix if p not in skipped] == self.good and \
-            [p for p in prefix if p in skipped] == [p for p, _ in self.bad]
+        """Whether the killed run processed the first files of ``paths``, in this order."""
+        return [path for path, _ in self.entries] == paths[:len(self.entries)]
 
     @property
     def done(self):
-        return len(self.good) + len(self.bad)
+        return len(self.entries)
+
+    @property
+    def good(self):
+        return [path for path, error in self.entries if error is None]
+
+    @property
+    def bad(self):
+        return [(path, error) for path, error in self.entries if error is not None]
 
     def append(self, chunk):
-        new_good, new_bad = [], []
+        row = sum(1 for _, error in self.entries if error is None)
         for item in chunk:
             if item.ok:
-                self.rows[len(self.good) + len(new_good)] = item.value
-                new_good.append(item.path)
-            else:
-                new_bad.append((item.path, item.reason))
-        self.rows.flush()                  # rows on disk before the lists say they are done
-        self.good += new_good
-        self.bad += new_bad
-        self.files.writelines(f"{p}\n" for p in new_good)
-        self.errors.writelines(f"{p}\t{r}\n" for p, r in new_bad)
-        self._sync_lists()
-
-    def _sync_lists(self):
-        for f in (self.files, self.errors):
-            f.flush()
-            os.fsync(f.fileno())
+                self.rows[row] = item.value
+                row += 1
+        self.rows.flush()                  # rows on disk before the log says they are done
+        entries = [(item.path, None if item.ok else item.reason) for item in chunk]
+        self.log.write("".join(_log_line(path, error) for path, error in entries))
+        self.log.flush()
+        os.fsync(self.log.fileno())
+        self.entries += entries
 
     def close(self):
-        for f in (self.files, self.errors):
-            if not f.closed:
-                f.close()
+        if not self.log.closed:
+            self.log.close()
 
     def finish(self):
-        """Trim the rows to the good files and rename everything into place."""
+        """Trim the rows to the good files; write the lists; rename everything into place.
+
+        The order keeps a kill anywhere recoverable: the lists are written under temporary
+        names first, the old lists go before the new array arrives (never a new array beside
+        old lists), and ``--resume`` after a kill between the trim and the renames finishes
+        the job."""
         if self.done != self.total:
             return len(self.good), len(self.bad)      # stopped early: stays partial
-        rows = len(self.good)
-        self.rows.trim(rows)
+        names, good, bad = self.names, self.good, self.bad
+        with open(names["partial_files"], "w", encoding="utf-8") as f:
+            f.writelines(f"{path}\n" for path in good)
+        with open(names["partial_errors"], "w", encoding="utf-8") as f:
+            f.writelines(f"{path}\t{_one_line(reason)}\n" for path, reason in bad)
+        self.rows.trim(len(good))
         self.rows = None
-        os.replace(self.names["partial_files"], self.names["files"])
-        os.replace(self.names["partial_errors"], self.names["errors"])
-        if os.path.isdir(self.names["out"]):          # a zarr store from an earlier run
-            shutil.rmtree(self.names["out"])
-        os.replace(self.names["partial"], self.names["out"])
-        return rows, len(self.bad)
+        for old in (names["files"], names["errors"]):
+            if os.path.exists(old):
+                os.remove(old)
+        if os.path.isdir(names["out"]):               # a zarr store from an earlier run
+            shutil.rmtree(names["out"])
+        os.replace(names["partial"], names["out"])
+        os.replace(names["partial_files"], names["files"])
+        os.replace(names["partial_errors"], names["errors"])
+        os.remove(names["partial_log"])
+        return len(good), len(bad)
+
+
+def _log_line(path, error):
+    entry = {"path": path} if error is None else {"path": path, "error": error}
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
+def _read_log(path):
+    """The complete lines of a log a killed run may have left mid-line; the file is cut
+    back to them, so that appending continues cleanly."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    entries = []
+    for line in data[:end].decode("utf-8").splitlines():
+        entry = json.loads(line)
+        entries.append((entry["path"], entry.get("error")))
+    return entries
+
+
+def _one_line(text):
+    """A reason fit for one tab-separated line."""
+    return " ".join(str(text).split())
 
 
 class _NpyRows:
@@ -375,9 +415,9 @@ class _NpyRows:
                                                    shape=(total, width)))
 
     @classmethod
-    def open(cls, path, total, width):
+    def open(cls, path, rows, width):
         array = np.load(path, mmap_mode="r+")
-        _check_resumable(path, array.shape, array.dtype, total, width)
+        _check_resumable(path, array.shape, array.dtype, rows, width)
         return cls(path, array)
 
     def __setitem__(self, index, value):
@@ -409,9 +449,9 @@ class _ZarrRows:
         return cls(array)
 
     @classmethod
-    def open(cls, path, total, width):
+    def open(cls, path, rows, width):
         array = _zarr().open_array(path, mode="r+")
-        _check_resumable(path, array.shape, array.dtype, total, width)
+        _check_resumable(path, array.shape, array.dtype, rows, width)
         return cls(array)
 
     def __setitem__(self, index, value):
@@ -438,20 +478,12 @@ def _zarr():
     return zarr
 
 
-def _check_resumable(path, shape, dtype, total, width):
-    if tuple(shape) != (total, width) or np.dtype(dtype) != np.float32:
+def _check_resumable(path, shape, dtype, rows, width):
+    """``rows``: the row counts the killed run can have left (all inputs, or the good ones
+    once trimmed)."""
+    if tuple(shape) not in {(n, width) for n in rows} or np.dtype(dtype) != np.float32:
         raise ValueError(f"cannot resume: {path} holds {tuple(shape)} {dtype}, this run needs "
-                         f"({total}, {width}) float32")
-
-
-def _complete_lines(path):
-    """Lines of a list written by a run that may have been killed mid-line."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    lines = text.split("\n")
-    return lines[:-1]                   # the last piece is "" or an unfinished line
+                         f"({rows[0]}, {width}) float32")
 
 
 def _trim_npy(path, rows, width):

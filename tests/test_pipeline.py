@@ -251,6 +251,58 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(folder, model,
     assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
 
 
+def test_kill_inside_finish_resumes(folder, model, tmp_path, monkeypatch):
+    """A kill after the rows were trimmed but before anything was renamed: --resume ends the
+    job with the files an uninterrupted run writes."""
+    paths = listing(folder)
+    write_arrays(model, paths, tmp_path / "whole.npy", batch_size=2)
+    real_replace = os.replace
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_arrays(model, paths, tmp_path / "f.npy", batch_size=2)
+    monkeypatch.setattr(pipeline.os, "replace", real_replace)
+    assert np.load(tmp_path / "f.npy.partial").shape == (5, 512)        # already trimmed
+    computed = []
+
+    def record(results):
+        for item in results:
+            computed.append(item.path)
+            yield item
+
+    write_arrays(model, paths, tmp_path / "f.npy", batch_size=2, resume=True, observe=record)
+    assert computed == []
+    assert read_outputs(tmp_path / "f.npy")[1:] == read_outputs(tmp_path / "whole.npy")[1:]
+    np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), np.load(tmp_path / "whole.npy"))
+
+
+def test_a_log_line_cut_by_a_kill_is_computed_again(folder, model, tmp_path):
+    paths = listing(folder)
+    write_arrays(model, paths, tmp_path / "whole.npy", batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        write_arrays(model, paths, tmp_path / "f.npy", batch_size=2,
+                     observe=interrupted_after(4))
+    log = tmp_path / "f.npy.partial.log"
+    with open(log, "a") as f:
+        f.write('{"path": "' + paths[4][:10])              # the kill hit mid-line
+    write_arrays(model, paths, tmp_path / "f.npy", batch_size=2, resume=True)
+    assert read_outputs(tmp_path / "f.npy")[1:] == read_outputs(tmp_path / "whole.npy")[1:]
+    np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), np.load(tmp_path / "whole.npy"))
+
+
+def test_paths_and_reasons_with_tabs_and_newlines(model, tmp_path):
+    odd = tmp_path / "a\tb.png"
+    odd.write_bytes(b"not an image\twith\ttabs")
+    write_arrays(model, [str(odd)], tmp_path / "o.npy")
+    [line] = (tmp_path / "o.errors.txt").read_text().splitlines()
+    path, reason = line.rsplit("\t", 1)             # the reason is one tab-free field
+    assert path == str(odd) and "cannot identify" in reason
+    assert pipeline._one_line("broken\tstream\nat byte 7") == "broken stream at byte 7"
+
+
 def test_resume_refuses_another_input(folder, model, tmp_path):
     paths = listing(folder)
     with pytest.raises(KeyboardInterrupt):
@@ -308,7 +360,7 @@ def test_cli_resume_after_sigkill(tmp_path, checkpoint):
     common = [str(tmp_path / "img*.png"), "--weights", str(checkpoint), "--arch", "resnet18",
               "--backend", "numpy", "--batch-size", "2"]
     run_cli("features", "--out", str(tmp_path / "whole.npy"), *common)
-    partial_list = tmp_path / "killed.files.txt.partial"
+    partial_list = tmp_path / "killed.npy.partial.log"
     proc = subprocess.Popen([sys.executable, "-m", "numres", "features", "--out",
                              str(tmp_path / "killed.npy"), *common],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

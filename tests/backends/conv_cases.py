@@ -12,20 +12,25 @@ import numpy as np
 def calls_from_two_threads_differ(model, inputs, rounds):
     """Call ``model`` on ``inputs[0]`` and ``inputs[1]`` from two threads at once, ``rounds``
     times each; return the indices whose output ever differed from a call made alone (a
-    model's reused buffers must not leak between threads)."""
+    model's reused buffers must not leak between threads). A call that raised re-raises."""
     expected = [model(x) for x in inputs]
-    errors = []
+    errors, raised = [], []
 
     def worker(i):
-        for _ in range(rounds):
-            if not np.array_equal(model(inputs[i]), expected[i]):
-                errors.append(i)
+        try:
+            for _ in range(rounds):
+                if not np.array_equal(model(inputs[i]), expected[i]):
+                    errors.append(i)
+        except Exception as exc:    # a thread's exception would otherwise vanish
+            raised.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if raised:
+        raise raised[0]
     return errors
 
 
