@@ -45,6 +45,9 @@ LIMITS = {"float32": 1e-4, "tf32": 5e-3, "float16": 1e-2}
 CHECK_SIZES = {"resnet18": (64, 64), "resnet50": (97, 131), "resnext50_32x4d": (64, 80),
                "resnet101": (224, 224)}
 
+# The time budget counts from here: imports, kernel compiles and checks included.
+_STARTED = time.perf_counter()
+
 
 def seeded_state_dict(arch, seed=0, num_classes=1000):
     """Seeded weights that exercise every parameter and keep activations small.
@@ -264,10 +267,13 @@ def _torch_cuda():
         return None
 
 
-def bench(archs, batches, rounds, report, cupy, size=224, budget_s=None, torch=None):
-    """Time every contender at every batch; appends rows to ``report``. A row left out for
-    the time budget says so (``"skipped": "budget"``)."""
-    start = time.perf_counter()
+def bench(archs, batches, rounds, report, cupy, size=224, budget_s=None, torch=None,
+          saved=lambda: None):
+    """Time every contender at every batch; appends rows to ``report`` and calls ``saved``
+    after each (so a run cut off by a timeout keeps what it measured). ``budget_s`` counts
+    from the start of the process, checks and compilation included; a row left out for it
+    says so (``"skipped": "budget"``)."""
+    start = _STARTED
     gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     gpu = gpu.decode() if isinstance(gpu, bytes) else str(gpu)
     print(f"\nGPU: {gpu}; CuPy {cupy.__version__}"
@@ -296,6 +302,7 @@ def bench(archs, batches, rounds, report, cupy, size=224, budget_s=None, torch=N
                 print(f"  {row['contender']:26s} {row['img_s']:9.1f} ({row['ms']:8.2f} ms) "
                       f"{row['tflops']:6.1f} TFLOP/s  {row['peak_mib']:8.0f} MiB", flush=True)
                 report.append(row)
+            saved()
         del contenders
 
 
@@ -435,17 +442,24 @@ def main(argv=None, check_sizes=None):
     half = "float16" in args.precisions or not args.no_bench
     report["kernel_compile_s"] = compile_kernels(("float", "__half") if half else ("float",))
     print(f"NVRTC compiled the kernels in {report['kernel_compile_s']:.1f} s")
+
+    def save():
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+
     ok = check(args.check_archs, args.precisions, report["checks"], cupy, sizes=check_sizes)
+    save()
     if not args.no_bench:
         bench(args.models, args.batches, args.rounds, report["bench"], cupy, size=args.size,
-              budget_s=args.budget_s, torch=None if args.no_torch else _torch_cuda())
+              budget_s=args.budget_s, torch=None if args.no_torch else _torch_cuda(),
+              saved=save)
     report["epilogue_fallbacks"] = _epilogue_fallbacks()
     if report["epilogue_fallbacks"]:
         print(f"cuBLASLt refused {len(report['epilogue_fallbacks'])} fused epilogue(s); "
               "those layers ran a separate epilogue kernel (see the JSON)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    save()
     return 0 if ok else 1
 
 

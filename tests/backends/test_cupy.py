@@ -11,6 +11,7 @@ skip.
 failed on that code (the issue's note records how).
 """
 
+import gc
 import importlib.util
 import re
 import shutil
@@ -68,22 +69,18 @@ def test_program_compiles_with_nvrtc_as_cupy_does(ctype):
     host headers: this caught an undefined INFINITY. No GPU is needed."""
     nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
                                 reason="CuPy is not installed")
-    import cupy
-    include = [Path(cupy.__file__).parent / "_core" / "include"]
-    try:
-        import nvidia
-        include += [Path(p) / "cu13" / "include" for p in nvidia.__path__]
-    except ImportError:
-        pass
+    if ctype == "__half" and not kernels.half_include_dirs():
+        pytest.skip("no cuda_fp16.h for NVRTC (neither the nvidia-cuda-runtime wheel nor a "
+                    "CUDA toolkit is installed)")
     try:
         prog = nvrtc.createProgram(kernels.program_source(), "numres.cu", [], [])
     except Exception as exc:  # noqa: BLE001 - the library itself is missing
         pytest.skip(f"NVRTC is not available: {exc}")
     for name in kernels.name_expressions(ctype):
         nvrtc.addNameExpression(prog, name)
-    # the backend's options (no -I: common.cuh is in the text) plus where CUDA's headers are
+    # exactly the backend's options (common.cuh is in the text; cuda_fp16.h's folder is
+    # named by compile_options), for the H200's architecture
     options = ["-std=c++17", "-arch=compute_90", *kernels.compile_options(ctype)]
-    options += [f"-I{p}" for p in include if p.is_dir()]
     try:
         nvrtc.compileProgram(prog, options)
     except Exception as exc:  # noqa: BLE001
@@ -356,8 +353,9 @@ def test_a_failed_capture_pins_nothing(cuda, monkeypatch):
     used = []
     for _ in range(4):
         model(x)
+        gc.collect()              # earlier tests' garbage may be freed at any moment
         used.append(standin.device.used_bytes)
-    assert used[-1] == used[0], used
+    assert max(used) <= used[0], used             # growth was the defect; shrinking is not
 
 
 def test_captured_shapes_are_bounded(cuda):

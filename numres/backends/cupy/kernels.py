@@ -10,6 +10,7 @@ text. The tests compile the very same text for the CPU (``tests/backends/cuda_ho
 """
 
 import functools
+import os
 import re
 import threading
 from importlib import resources
@@ -61,8 +62,28 @@ def im2col_vec(ctype, channels):
 
 def compile_options(ctype):
     """The preprocessor options of ``ctype``'s build: the float32 build leaves out everything
-    half-precision, so it never needs ``cuda_fp16.h``."""
-    return ("-DNUMRES_NO_HALF",) if ctype == "float" else ()
+    half-precision, so it never needs ``cuda_fp16.h``; the half build names where that
+    header is (NVRTC has no CUDA headers of its own)."""
+    if ctype == "float":
+        return ("-DNUMRES_NO_HALF",)
+    return tuple(f"-I{folder}" for folder in half_include_dirs())
+
+
+@functools.lru_cache(maxsize=1)
+def half_include_dirs():
+    """Folders holding ``cuda_fp16.h``: the CUDA 13 wheels' (``nvidia/cu13/include``),
+    ``$CUDA_PATH``/``$CUDA_HOME``'s and ``/usr/local/cuda``'s ``include``, those that exist."""
+    candidates = []
+    try:
+        import nvidia
+        candidates += [Path(p) / "cu13" / "include" for p in nvidia.__path__]
+    except ImportError:
+        pass
+    for variable in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(variable):
+            candidates.append(Path(os.environ[variable]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    return tuple(str(p) for p in candidates if (p / "cuda_fp16.h").is_file())
 
 
 @functools.lru_cache(maxsize=1)
