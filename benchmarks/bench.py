@@ -108,13 +108,9 @@ def main(argv=None):
     if torch_mods:
         torch_mods[0].set_num_threads(default_threads())
     backends = [b for b in args.backends.split(",") if b]
-    peak_before = bench.sgemm_peak()
-    env = bench.environment(torch=torch_mods[0].__version__ if torch_mods else torch_note,
-                            onnxruntime=bench.version("onnxruntime"))
-    print("# numres benchmark\n")
-    for k, v in env.items():
-        print(f"- {k}: {v}")
-    print(f"- sgemm peak (2048^3, NumPy): {peak_before:.0f} GFLOP/s\n")
+    env, peak_before = bench.header(bench.environment(
+        torch=torch_mods[0].__version__ if torch_mods else torch_note,
+        onnxruntime=bench.version("onnxruntime")))
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,8 @@ try:
 except ImportError:                       # the tree before the Numba backend was a package
     from numres.backends.numba_backend import NumbaBackend
 
-# The cases and strategies of tests/backends/test_ops.py when this was written.
+# The cases and strategies of tests/backends/test_ops.py when this was written, copied rather
+# than imported: the script must run unchanged on an older tree, whose tests differ.
 CONV_CASES = [
     # (n, c, h, w, o, k, stride, padding, groups)
     (1, 3, 23, 19, 8, 7, 2, 3, 1),     # stem-like, odd size (Numba: direct, no im2col)

@@ -186,6 +186,16 @@ def print_layers(backend, total, breakdown):
         print(f"- {seconds * 1e3:7.2f} ms  {count:2d}x  {label}")
 
 
+def header(env):
+    """Measure the sgemm peak and print the report's header; returns ``(env, peak)``."""
+    peak = sgemm_peak()
+    print("# numres benchmark\n")
+    for k, v in env.items():
+        print(f"- {k}: {v}")
+    print(f"- sgemm peak (2048^3, NumPy): {peak:.0f} GFLOP/s\n")
+    return env, peak
+
+
 def options(description, defaults=None):
     """The options of a benchmark run (``numres bench`` and ``benchmarks/bench.py``)."""
     p = argparse.ArgumentParser(prog="numres bench", description=description)
@@ -216,12 +226,7 @@ def main(argv=None, defaults=None):
     if args.memory_child:
         return memory_child(args.memory_child)
     backends = [b for b in args.backends.split(",") if b]
-    peak_before = sgemm_peak()
-    env = environment()
-    print("# numres benchmark\n")
-    for k, v in env.items():
-        print(f"- {k}: {v}")
-    print(f"- sgemm peak (2048^3, NumPy): {peak_before:.0f} GFLOP/s\n")
+    env, peak_before = header(environment())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
