@@ -23,11 +23,11 @@ The C entry points are bound from the library's addresses with the prototypes of
 import collections
 import ctypes
 import ctypes.util
-import os
 import threading
-from pathlib import Path
 
 import numpy as np
+
+from .kernels import cuda_files
 
 # cublasStatus_t
 STATUS = {0: "CUBLAS_STATUS_SUCCESS", 1: "CUBLAS_STATUS_NOT_INITIALIZED",
@@ -87,22 +87,12 @@ class CublasError(RuntimeError):
 
 def library_candidates(cuda_major):
     """Where ``libcublasLt.so.<major>`` may be: the ``nvidia-cublas`` wheel (CUDA 13:
-    ``nvidia/cu13/lib``; CUDA 12: ``nvidia/cublas/lib``), ``$CUDA_PATH``/``$CUDA_HOME``, then
-    the loader's own search path."""
+    ``nvidia/cu13/lib``; CUDA 12: ``nvidia/cublas/lib``), a toolkit's ``lib64``, then the
+    loader's own search path."""
     name = f"libcublasLt.so.{cuda_major}"
-    paths = []
-    try:
-        import nvidia
-        for root in nvidia.__path__:
-            paths += [Path(root) / f"cu{cuda_major}" / "lib" / name,
-                      Path(root) / "cublas" / "lib" / name]
-    except ImportError:
-        pass
-    for var in ("CUDA_PATH", "CUDA_HOME"):
-        if os.environ.get(var):
-            paths.append(Path(os.environ[var]) / "lib64" / name)
     found = ctypes.util.find_library("cublasLt")
-    return [str(p) for p in paths if p.is_file()] + [name] + ([found] if found else [])
+    return [str(p) for p in cuda_files(name, (f"cu{cuda_major}/lib", "cublas/lib"), "lib64")] \
+        + [name] + ([found] if found else [])
 
 
 def open_cublaslt(cuda_major):

@@ -69,21 +69,25 @@ def compile_options(ctype):
     return tuple(f"-I{folder}" for folder in half_include_dirs())
 
 
-@functools.lru_cache(maxsize=1)
-def half_include_dirs():
-    """Folders holding ``cuda_fp16.h``: the CUDA 13 wheels' (``nvidia/cu13/include``),
-    ``$CUDA_PATH``/``$CUDA_HOME``'s and ``/usr/local/cuda``'s ``include``, those that exist."""
+def cuda_files(name, wheel_dirs, toolkit_dir):
+    """The existing copies of the CUDA file ``name``: under each ``nvidia`` wheel root in
+    ``wheel_dirs`` (e.g. ``cu13/include``), then under ``$CUDA_PATH``, ``$CUDA_HOME`` and
+    ``/usr/local/cuda`` in ``toolkit_dir`` (e.g. ``include``, ``lib64``)."""
     candidates = []
     try:
         import nvidia
-        candidates += [Path(p) / "cu13" / "include" for p in nvidia.__path__]
+        candidates += [Path(root) / sub / name for root in nvidia.__path__ for sub in wheel_dirs]
     except ImportError:
         pass
-    for variable in ("CUDA_PATH", "CUDA_HOME"):
-        if os.environ.get(variable):
-            candidates.append(Path(os.environ[variable]) / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
-    return tuple(str(p) for p in candidates if (p / "cuda_fp16.h").is_file())
+    toolkits = [os.environ.get(v) for v in ("CUDA_PATH", "CUDA_HOME")] + ["/usr/local/cuda"]
+    candidates += [Path(root) / toolkit_dir / name for root in toolkits if root]
+    return [p for p in candidates if p.is_file()]
+
+
+@functools.lru_cache(maxsize=1)
+def half_include_dirs():
+    """Folders holding ``cuda_fp16.h`` (the CUDA 13 wheel's, then a toolkit's)."""
+    return tuple(str(p.parent) for p in cuda_files("cuda_fp16.h", ("cu13/include",), "include"))
 
 
 @functools.lru_cache(maxsize=1)
