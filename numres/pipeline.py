@@ -305,13 +305,14 @@ class _Partial:
         log = names["partial_log"]
         if resume and os.path.exists(names["partial"]) and os.path.exists(log):
             self.entries = _read_log(log)               # cuts an unfinished last line off
-            good = sum(1 for _, error in self.entries if error is None)
+            # rows stored so far: kept as a counter, not recounted per batch (a million files)
+            self.written = sum(1 for _, error in self.entries if error is None)
             # A kill inside finish() may have trimmed the rows already.
-            rows = (total, good) if len(self.entries) == total else (total,)
+            rows = (total, self.written) if len(self.entries) == total else (total,)
             self.rows = store.open(names["partial"], rows, width)
         else:
             self.rows = store.create(names["partial"], total, width)
-            self.entries = []
+            self.entries, self.written = [], 0
             open(log, "w").close()
         self.log = open(log, "a", encoding="utf-8")
 
@@ -332,7 +333,7 @@ class _Partial:
         return [(path, error) for path, error in self.entries if error is not None]
 
     def append(self, chunk):
-        row = sum(1 for _, error in self.entries if error is None)
+        row = self.written
         for item in chunk:
             if item.ok:
                 self.rows[row] = item.value
@@ -343,6 +344,7 @@ class _Partial:
         self.log.flush()
         os.fsync(self.log.fileno())
         self.entries += entries
+        self.written = row
 
     def close(self):
         if not self.log.closed:
