@@ -2,6 +2,7 @@
 ``backends/_workspace.py``)."""
 
 import multiprocessing
+import os
 import sys
 import threading
 
@@ -155,3 +156,79 @@ def test_a_lone_thread_takes_over_the_other_shares():
     while (b := pool.next_block(counters, 0, 2, 6)) >= 0:
         got.append(b)
     assert got == [0, 1, 2, 4, 5]
+
+
+# -- hand-offs by spinning, and where the threads run --------------------------------------
+def _state():
+    return pool.handoff_state()
+
+
+def test_news_posted_before_the_wait_is_seen_without_blocking():
+    state = _state()
+    assert pool.post(state, pool._GO, pool._CALLER_CPU) == pool._WAITING
+    assert pool.spin_wait(state, pool._GO, 0, pool._WORKER_CPU, pool._CALLER_CPU)
+
+
+def test_a_wait_that_times_out_says_block_and_the_poster_must_release():
+    state = _state()
+    ticks = pool.spin_ticks() // 100 or 1000       # ~10 us: no news comes
+    assert not pool.spin_wait(state, pool._GO, ticks, pool._WORKER_CPU, pool._CALLER_CPU)
+    assert state[pool._GO] == pool._SLEEPING
+    assert pool.post(state, pool._GO, pool._CALLER_CPU) == pool._SLEEPING
+
+
+def test_a_spinning_waiter_sees_news_from_another_thread():
+    state = _state()
+    ticks = 200 * (pool.spin_ticks() or 1)          # long: the post must end the wait
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(
+        pool.spin_wait(state, pool._GO, ticks, pool._WORKER_CPU, pool._CALLER_CPU)))
+    t.start()
+    before = pool.post(state, pool._GO, pool._CALLER_CPU)
+    t.join(timeout=60)
+    # Either the waiter saw the news, or it had stopped spinning (the two threads on one
+    # CPU) and the poster was told to release its lock: never neither.
+    assert seen == [True] or (seen == [False] and before == pool._SLEEPING)
+
+
+@pytest.mark.parametrize("spin_us", ["0", "5", "1000"])
+def test_many_hand_offs_spinning_or_blocking(monkeypatch, spin_us):
+    """Every mix of spinning and blocking on both sides (0: always block; 5 us: spin, then
+    block mid-sequence; 1 ms: mostly spin), with wake-ups between the runs."""
+    monkeypatch.setenv("NUMRES_SPIN_US", spin_us)
+    executor = _two_threads()
+    acc = np.zeros(64, np.int64)
+    for i in range(2000):
+        if i % 7 == 0:
+            with executor.placed():
+                pass
+        executor.run(64, lambda a, b: acc.__setitem__(slice(a, b), acc[a:b] + 1))
+    assert (acc == 2000).all()
+
+
+def _affinity_settable():
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        return False
+    try:
+        os.sched_setaffinity(0, os.sched_getaffinity(0))
+    except OSError:
+        return False
+    return pool.current_cpu() >= 0
+
+
+@pytest.mark.skipif(not _affinity_settable(),
+                    reason="needs Linux, 2+ CPUs and permission to set thread affinity")
+def test_a_pass_keeps_its_caller_on_one_cpu_and_the_workers_off_it():
+    executor = _two_threads()
+    before = os.sched_getaffinity(0)
+    seen = {}
+
+    def fn(start, stop):
+        seen[threading.current_thread().name] = os.sched_getaffinity(0)
+    with executor.placed():
+        here = os.sched_getaffinity(0)
+        executor.run(2, fn)
+    assert len(here) == 1 and here <= before
+    worker = [v for k, v in seen.items() if k != threading.current_thread().name]
+    assert worker and not (worker[0] & here) and worker[0] <= before
+    assert os.sched_getaffinity(0) == before     # restored after the pass

@@ -283,7 +283,7 @@ class NumbaBackend(Backend):
         """Run a forward pass ``fn(x)``: the first for an input shape is recorded, later ones
         replay it (``replay.py``). At most ``tuning.max_plans`` shapes per model are kept; a
         plan in use by another thread, or a pass that could not be recorded, runs as usual."""
-        with self.executor.single_threaded_blas():
+        with self.executor.placed(), self.executor.single_threaded_blas():
             if not self.replay or self.observing:
                 return fn(x)
             plan = cache.get(key)

@@ -6,15 +6,19 @@ that run next. Instead every layer is handed once to this module's threads
 (:meth:`Executor.run` splits a range; :meth:`Executor.share` lets kernels claim their blocks
 themselves with :func:`next_block`); each thread gathers its block of input, multiplies on
 one core (OpenBLAS's per-thread setting) and applies the epilogue while the block is still in
-cache. Idle workers block on a lock and cost nothing.
+cache. Idle workers spin for at most ``SPIN_US``, then block on a lock and cost nothing.
 
-Why the hand-off is a plain lock per worker: at batch 1 a layer takes well under a
+Why hand-offs spin first and threads are placed: at batch 1 a layer takes well under a
 millisecond, and a pool's futures, queue and condition variables cost several times more per
-hand-off; workers that spun before blocking were no faster, and handing out chunks in Python
-(one GIL round trip each) was slower on whole networks (figures:
-``benchmarks/results/numba-design.md``). A run already in progress (another Python thread
-calling a model, or a kernel that splits its own work) makes a second ``run`` execute in its
-caller's thread, so threads are never oversubscribed and nothing deadlocks.
+hand-off than a plain lock (``benchmarks/results/numba-design.md``). Each hand-off, to a worker
+and back, is a word in memory that the waiting thread watches for up to ``SPIN_US`` with the
+GIL released (:func:`spin_wait`) before it blocks on its lock: a blocked thread's CPU halts,
+and on a virtual machine waking it goes through the hypervisor. Around each pass
+(:meth:`Executor.placed`) the caller stays on its CPU and the workers keep off it; without
+that, after the process idled, Linux put a worker and its caller on one CPU for the whole
+pass. A run already in progress (another Python thread calling a model, or a kernel that
+splits its own work) makes a second ``run`` execute in its caller's thread, so threads are
+never oversubscribed and nothing deadlocks.
 
 Where NumPy's BLAS cannot be limited per thread (not OpenBLAS >= 0.3.27), ``Executor`` runs
 everything in the calling thread and lets BLAS use its own threads.
@@ -23,7 +27,10 @@ everything in the calling thread and lets BLAS use its own threads.
 import contextlib
 import ctypes
 import os
+import platform
+import sys
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -31,7 +38,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .kernels import helper
+from .kernels import helper, kernel
 
 
 def _openblas_local_setter():
@@ -56,38 +63,68 @@ def _openblas_local_setter():
 
 
 class _Worker:
-    """One thread that runs ``fn(start, stop)`` each time :meth:`start` hands it a range."""
+    """One thread that runs ``fn(start, stop)`` each time :meth:`start` hands it a range.
 
-    def __init__(self, name, set_local):
+    Each hand-off, to the worker and back, is first awaited by spinning with the GIL released
+    (:func:`spin_wait`); a thread blocks on its lock only after ``spin_ticks`` of that.
+    """
+
+    def __init__(self, name, set_local, spin_ticks):
         self._go = threading.Lock()
         self._go.acquire()
         self._done = threading.Lock()
         self._done.acquire()
-        self._job = None
+        self._state = handoff_state()
+        self._spin = spin_ticks
+        self._job = None        # (number, fn, start, stop)
+        self._number = 0
         self._error = None
         self._set_local = set_local
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        started = threading.Event()
+        self.native_id = None
+        threading.Thread(target=self._loop, args=(started,), name=name, daemon=True).start()
+        started.wait()
 
-    def _loop(self):
+    def _loop(self, started):
+        self.native_id = threading.get_native_id()
+        started.set()
         self._set_local(1)
+        state, last = self._state, 0
         while True:
-            self._go.acquire()
-            fn, start, stop = self._job
+            if not spin_wait(state, _GO, self._spin, _WORKER_CPU, _CALLER_CPU):
+                self._go.acquire()
+            state[_GO] = _WAITING
+            job = self._job
+            # None or a job already run: a wake-up (Executor.wake), or a post that arrived
+            # after this thread had already taken its job.
+            if job is None or job[0] == last:
+                continue
+            last, fn, start, stop = job
             try:
                 fn(start, stop)
             except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
                 self._error = exc
-            # Drop the job now, not at the next one: it holds the layer's buffers, which the
-            # workspace may only reuse once nothing else refers to them.
-            self._job = fn = None
-            self._done.release()
+            # Drop the job now: it holds the layer's buffers, which the workspace may only
+            # reuse once nothing else refers to them.
+            job = fn = None
+            if post(state, _DONE, _WORKER_CPU) == _SLEEPING:
+                self._done.release()
 
     def start(self, fn, start, stop):
-        self._job = (fn, start, stop)
-        self._go.release()
+        self._number += 1
+        self._job = (self._number, fn, start, stop)
+        self.wake()
+
+    def wake(self):
+        """Have the worker spin (if it was blocked), ready for work that comes soon."""
+        if post(self._state, _GO, _CALLER_CPU) == _SLEEPING:
+            self._go.release()
 
     def wait(self):
-        self._done.acquire()
+        if not spin_wait(self._state, _DONE, self._spin, _CALLER_CPU, _WORKER_CPU):
+            self._done.acquire()
+        self._state[_DONE] = _WAITING
+        self._job = None
         error, self._error = self._error, None
         return error
 
@@ -111,8 +148,68 @@ class Executor:
 
     def _start_workers(self):
         self._busy = threading.Lock()
-        self._workers = [_Worker(f"numres-{i}", self._set_local)
+        ticks = spin_ticks() if self.threads > 1 else 0
+        self._workers = [_Worker(f"numres-{i}", self._set_local, ticks)
                          for i in range(1, self.threads)]
+        self._caller_cpu = None
+        self._owner = None
+        self._owner_lock = threading.Lock()
+        self._place = _LINUX and os.environ.get("NUMRES_PLACE_THREADS", "1") != "0"
+
+    @contextlib.contextmanager
+    def placed(self):
+        """Around a pass: the calling thread stays on the CPU it is on, the workers keep off
+        that CPU and are woken to spin, ready for the first layer (a worker woken from a
+        block by the layer itself arrives late for it after the process has idled).
+
+        Why placement: after the process has idled, Linux wakes a worker on the caller's
+        CPU (and later the caller on the worker's), and the two then take turns on one CPU,
+        each too recently run ("cache hot") for the load balancer to move: a 0.25 s pause
+        made ResNet-50 at batch 1 1.8x slower on 2 CPUs
+        (``benchmarks/results/numba-design.md``). Only the first of concurrent passes is
+        placed; ``NUMRES_PLACE_THREADS=0`` leaves placement to the scheduler.
+        """
+        me = threading.get_ident()
+        with self._owner_lock:
+            mine = bool(self._place and self._workers) and self._owner is None
+            if mine:
+                self._owner = me
+        if not mine:
+            yield
+            return
+        previous = None
+        try:
+            cpu = current_cpu()
+            if cpu >= 0:
+                previous = os.sched_getaffinity(0)
+                self._keep_off(cpu, previous)
+                os.sched_setaffinity(0, {cpu})
+        except OSError:           # a container that forbids it: the scheduler decides
+            self._place = False
+        try:
+            if self._busy.acquire(blocking=False):
+                try:
+                    for worker in self._workers:
+                        worker.wake()
+                finally:
+                    self._busy.release()
+            yield
+        finally:
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, previous)
+            self._owner = None
+
+    def _keep_off(self, cpu, cpus):
+        """Let the workers run on any of ``cpus`` but ``cpu`` (system calls only when ``cpu``
+        is not the one they already keep off)."""
+        if cpu == self._caller_cpu:
+            return
+        allowed = cpus - {cpu}
+        if len(allowed) >= len(self._workers):
+            for worker in self._workers:
+                os.sched_setaffinity(worker.native_id, allowed)
+        self._caller_cpu = cpu
 
     @contextlib.contextmanager
     def single_threaded_blas(self):
@@ -197,6 +294,175 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_restart_after_fork)
 
 
+# Claim counters one 64-byte line apart, so threads claiming work do not share a line.
+COUNTER_STRIDE = 8
+
+
+# -- waiting by spinning -------------------------------------------------------------------
+# A hand-off word's states: the waiter spins while WAITING, has gone to block on a lock once
+# SLEEPING (so the poster must release it), and POSTED is the news it waits for.
+_WAITING, _SLEEPING, _POSTED = 0, 1, 2
+# Words of a worker's state: the hand-off to it, the hand-off back, and where each of the
+# two threads (the caller, the worker) last ran; each on its own cache line.
+_GO, _DONE, _CALLER_CPU, _WORKER_CPU = 0, COUNTER_STRIDE, 2 * COUNTER_STRIDE, \
+    3 * COUNTER_STRIDE
+#: How long (microseconds) a thread spins for the next hand-off before it blocks.
+SPIN_US = 1000
+
+
+@intrinsic
+def _exchange(typingctx, state, slot, value):
+    """Atomically ``state[slot] = value``; returns the value before (int64 array)."""
+    sig = types.int64(state, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        where = builder.gep(array.data, [args[1]])
+        return builder.atomic_rmw("xchg", where, args[2], "seq_cst")
+    return sig, codegen
+
+
+@intrinsic
+def _compare_exchange(typingctx, state, slot, expected, value):
+    """Atomically ``state[slot] = value`` if it is ``expected``; returns the value before."""
+    sig = types.int64(state, types.intp, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        where = builder.gep(array.data, [args[1]])
+        pair = builder.cmpxchg(where, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 0)
+    return sig, codegen
+
+
+@intrinsic
+def _load(typingctx, state, slot):
+    """``state[slot]``, read from memory each time (a plain load could be hoisted out of a
+    loop that waits for another thread to change it)."""
+    sig = types.int64(state, types.intp)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        where = builder.gep(array.data, [args[1]])
+        return builder.load_atomic(where, "acquire", 8)
+    return sig, codegen
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_LINUX = sys.platform.startswith("linux")
+
+
+def _libc_call(name, ret):
+    """An intrinsic calling the C library's ``name()`` (found by name when the code is
+    linked) on Linux; elsewhere it returns -1 (0 for void) without calling anything."""
+    @intrinsic
+    def call(typingctx):
+        sig = types.int64()
+
+        def codegen(context, builder, signature, args):
+            if not _LINUX:
+                return ir.Constant(ir.IntType(64), -1)
+            module = builder.module
+            fn = module.globals.get(name) or ir.Function(
+                module, ir.FunctionType(ir.IntType(32), []), name)
+            return builder.sext(builder.call(fn, []), ir.IntType(64))
+        return sig, codegen
+    return call
+
+
+# A thread that spins lets any other thread on its CPU run between checks; and it stops
+# spinning when the thread it waits for is on its CPU (the other can only progress if it
+# blocks, and waking a blocked thread lets the scheduler move it to an idle CPU).
+_yield_cpu = _libc_call("sched_yield", 32)
+_cpu = _libc_call("sched_getcpu", 32)
+
+
+@intrinsic
+def _ticks(typingctx):
+    """x86's time-stamp counter after a ``pause`` (which tells the core, and a hypervisor,
+    that this is a spin loop); 0 elsewhere, where numres does not spin."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        if not _X86:
+            return ir.Constant(ir.IntType(64), 0)
+        module = builder.module
+        for name, ret in (("llvm.x86.sse2.pause", ir.VoidType()),
+                          ("llvm.readcyclecounter", ir.IntType(64))):
+            if name not in module.globals:
+                ir.Function(module, ir.FunctionType(ret, []), name)
+        builder.call(module.globals["llvm.x86.sse2.pause"], [])
+        return builder.call(module.globals["llvm.readcyclecounter"], [])
+    return sig, codegen
+
+
+def handoff_state():
+    """The words two threads hand work over with (``_GO``, ``_DONE``) and where each last
+    ran (``_CALLER_CPU``, ``_WORKER_CPU``; -1: not yet known)."""
+    state = np.zeros(4 * COUNTER_STRIDE, np.int64)
+    state[_CALLER_CPU] = state[_WORKER_CPU] = -1
+    return state
+
+
+@kernel
+def post(state, slot, mine):
+    """Post news to the thread that waits on ``state[slot]``, noting this thread's CPU in
+    ``state[mine]``; returns the state before (``_SLEEPING``: the poster must release the
+    waiter's lock)."""
+    state[mine] = _cpu()
+    return _exchange(state, slot, _POSTED)
+
+
+@kernel
+def spin_wait(state, slot, ticks, mine, theirs):
+    """Wait up to ``ticks`` time-stamp-counter ticks for news on ``state[slot]``, spinning
+    (called from Python, the GIL is released meanwhile), unless the other thread (its CPU in
+    ``state[theirs]``; this one's is noted in ``state[mine]``) is on this thread's CPU.
+    Returns True when the news came; False once the state says SLEEPING, and the caller must
+    block on its lock."""
+    if ticks > 0:
+        end = _ticks() + ticks
+        while _ticks() < end:
+            if _load(state, slot) == _POSTED:
+                return True
+            here = _cpu()
+            state[mine] = here
+            if here >= 0 and here == _load(state, theirs):
+                break
+            _yield_cpu()
+    return _compare_exchange(state, slot, _WAITING, _SLEEPING) == _POSTED
+
+
+@kernel
+def current_cpu():
+    """The CPU the calling thread runs on (Linux), else -1."""
+    return _cpu()
+
+
+@kernel
+def _now():
+    return _ticks()
+
+
+_spin_rate = []
+
+
+def spin_ticks():
+    """How many time-stamp-counter ticks a thread spins before it blocks: ``NUMRES_SPIN_US``
+    microseconds (default :data:`SPIN_US`); the counter's rate is measured against the clock
+    once per process. 0 where the CPU is not x86."""
+    seconds = float(os.environ.get("NUMRES_SPIN_US", SPIN_US)) * 1e-6
+    if not _X86 or seconds <= 0:
+        return 0
+    if not _spin_rate:
+        _now()
+        t0, c0 = time.perf_counter(), _now()
+        while time.perf_counter() - t0 < 0.002:
+            pass
+        _spin_rate.append((_now() - c0) / (time.perf_counter() - t0))
+    return int(seconds * _spin_rate[0])
+
+
 # -- blocks claimed by the threads themselves (inside compiled kernels) ------------------------
 @intrinsic
 def _claim(typingctx, counters, slot):
@@ -208,10 +474,6 @@ def _claim(typingctx, counters, slot):
         where = builder.gep(array.data, [args[1]])
         return builder.atomic_rmw("add", where, ir.Constant(ir.IntType(64), 1), "monotonic")
     return sig, codegen
-
-
-# Claim counters one 64-byte line apart, so threads claiming work do not share a line.
-COUNTER_STRIDE = 8
 
 
 def work_counters(parts):
