@@ -80,6 +80,11 @@ def numres_contenders(arch, ckpt, backends, x):
     out = []
     for backend in backends:
         model = numres.build(arch, weights=ckpt, backend=backend)
+        if model.backend.stand_in() is not None:
+            # A fresh machine: time the compiled kernels, not NumPy standing in for them.
+            print(f"(waiting for the {backend} kernels to compile in the background)")
+            from .backends.numba import background
+            background.wait()
         out.append(Contender(f"numres-{backend}", lambda m=model: m(x)))
     return out
 

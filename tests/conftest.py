@@ -1,13 +1,19 @@
 """Shared fixtures: torch/torchvision as the reference, the backend matrix, a loopback server."""
 
 import http.server
+import os
 import socketserver
 import threading
 
 import numpy as np
 import pytest
 
-import numres
+# Tests of the Numba backend test its kernels: on a machine whose Numba cache is empty they
+# compile in the process, not in the background behind NumPy (that has its own test:
+# tests/backends/test_background_compile.py).
+os.environ.setdefault("NUMRES_BACKGROUND_COMPILE", "0")
+
+import numres  # noqa: E402
 
 from . import torch_import
 

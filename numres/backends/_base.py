@@ -112,6 +112,12 @@ class Backend(abc.ABC):
     def synchronize(self):
         """Wait for queued device work (a no-op on the CPU)."""
 
+    def stand_in(self):
+        """The backend a model's call runs on instead while this one cannot run yet (the
+        Numba backend on a machine whose kernels are still compiling in the background), or
+        None: this one. Asked once per call; a model switches between calls."""
+        return None
+
     # -- observing (per-layer timing) ------------------------------------------------------
     _observer = None
 

@@ -328,7 +328,7 @@ def pass_events(model, input_shape, kind="logits", stages=(), batch=None, copy_i
     """
     plan = model._prepared()
     n = input_shape[0]
-    trace = _Trace(model.backend, batch or n)
+    trace = _Trace(model.active_backend, batch or n)
     if copy_input:
         trace.heap("input_copy", nbytes(input_shape))
     # forward() keeps the first activation until the pass ends (its local variable)
@@ -513,7 +513,7 @@ def estimate_peak_bytes(model, input_shape, kind="logits", stages=(), batch=None
         '95.4 GiB'
     """
     events = pass_events(model, tuple(input_shape), kind, tuple(stages), batch, copy_input)
-    return simulate(events, model.backend.allocator)
+    return simulate(events, model.active_backend.allocator)
 
 
 def pass_key(kind, stages, shape, batch=None):
@@ -524,7 +524,7 @@ def pass_key(kind, stages, shape, batch=None):
 
 def _pass_need(model, shape, kind, stages, batch, copy_input, reuse):
     """Bytes a pass would add; with ``reuse``, given what the backend holds right now."""
-    backend = model.backend
+    backend = model.active_backend
     if not reuse:
         return estimate_peak_bytes(model, shape, kind, stages, batch, copy_input)
     events = pass_events(model, shape, kind, stages, batch, copy_input)
@@ -554,7 +554,7 @@ def chunk_need(model, input_shape, chunk, kind="logits", stages=(), copy_input=F
     n = input_shape[0]
     shape = (chunk,) + tuple(input_shape[1:])
     run_kind = "features" if kind == "logits" else kind
-    copy = copy_input or model.backend.keeps_buffers_per_shape    # padded last chunk
+    copy = copy_input or model.active_backend.keeps_buffers_per_shape    # padded last chunk
     need = _pass_need(model, shape, run_kind, tuple(stages), n, copy, reuse)
     # the whole batch's results, gathered as the chunks finish
     per_image = _result_bytes(model, input_shape, kind, stages)
@@ -608,7 +608,7 @@ def batch_chunk(model, input_shape, kind="logits", stages=(), copy_input=False):
     """
     input_shape, stages = tuple(input_shape), tuple(stages)
     n = input_shape[0]
-    budget = memory_budget(model.backend, model.memory_limit)
+    budget = memory_budget(model.active_backend, model.memory_limit)
     if budget.bytes is None:
         return n
     cache = model._prepared()["memory"]
@@ -652,7 +652,7 @@ def batch_chunk(model, input_shape, kind="logits", stages=(), copy_input=False):
 
 
 def _message(model, input_shape, need, budget):
-    backend = model.backend.name
+    backend = model.active_backend.name
     one = "one image" if input_shape[0] == 1 else "even one image at a time"
     hint = ("use smaller images (downscale, or tile the image), free memory or run where "
             "more is available")

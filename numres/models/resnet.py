@@ -156,6 +156,7 @@ class ResNet(Module):
         self.arch = None
         self.weights = None  # the registry Weights when built pretrained
         self._backend = get_backend(backend)
+        self._active = self._backend   # what calls run on now (Backend.stand_in)
         self._plan = None
         self._plan_lock = threading.Lock()
         self.memory_limit = None
@@ -188,9 +189,16 @@ class ResNet(Module):
         """The :class:`~numres.backends.Backend` this model runs on."""
         return self._backend
 
+    @property
+    def active_backend(self):
+        """The backend calls run on now: :attr:`backend`, or the stand-in it names while it
+        cannot run yet (the Numba backend's kernels compiling in the background on a fresh
+        machine: :meth:`~numres.backends.Backend.stand_in`)."""
+        return self._active
+
     def to(self, backend):
         """Move the model to another backend (weights are re-prepared). Returns ``self``."""
-        self._backend = get_backend(backend)
+        self._backend = self._active = get_backend(backend)
         self.reset_prepared()
         return self
 
@@ -217,20 +225,24 @@ class ResNet(Module):
         return result
 
     def _prepared(self):
+        """The weights prepared for :attr:`active_backend` (made once per backend: a stand-in's
+        plan is dropped when the model's own backend takes over)."""
+        backend = self._active
         plan = self._plan
-        if plan is None:
+        if plan is None or plan["backend"] is not backend:
             with self._plan_lock:
-                if self._plan is None:
-                    self._plan = self._prepare()
-                    if self.after_prepare is not None and (self._backend.copies_weights
+                if self._plan is None or self._plan["backend"] is not backend:
+                    self._plan = None       # a stand-in's weights go before the new ones come
+                    self._plan = self._prepare(backend)
+                    if self.after_prepare is not None and (backend.copies_weights
                                                            or self.fold_bn):
                         # The backend holds its own copies (folding makes new arrays too).
                         self.after_prepare(self.state_dict().values())
                 plan = self._plan
         return plan
 
-    def _prepare(self):
-        backend, fold = self._backend, self.fold_bn
+    def _prepare(self, backend):
+        fold = self.fold_bn
         blocks = []
         for stage in STAGES[1:]:
             for block in getattr(self, stage):
@@ -241,7 +253,8 @@ class ResNet(Module):
                                                 block.downsample[1], fold)
                 blocks.append((stage, block, run))
         fc = self.fc.params
-        return {"stem": _ConvBN(backend, self.conv1, self.bn1, fold), "blocks": blocks,
+        return {"backend": backend,
+                "stem": _ConvBN(backend, self.conv1, self.bn1, fold), "blocks": blocks,
                 "fc": backend.prepare_linear(fc["weight"], fc["bias"]),
                 "graphs": {},   # device backends' captured passes, tied to these weights
                 "memory": {}}   # memory estimates per input shape (memory.batch_chunk)
@@ -291,10 +304,14 @@ class ResNet(Module):
                 (:func:`numres.models.memory.batch_chunk`); a batch that does not fit runs
                 in chunks instead.
         """
-        backend = self._backend
-        x = check_input(x, backend, cast=False)
-        on_device = backend.owns(x)
+        x = check_input(x, self._backend, cast=False)
+        # Decided once per call: a stand-in runs only NumPy input, and a switch happens
+        # between calls.
+        self._active = (self._backend.stand_in() if isinstance(x, np.ndarray) else None) \
+            or self._backend
         plan = self._prepared()
+        backend = plan["backend"]
+        on_device = backend.owns(x)
         n = x.shape[0]
         copy_input = x.dtype != np.float32 or not x.flags.c_contiguous
         chunk = memory.batch_chunk(self, x.shape, kind, stages, copy_input)
@@ -310,7 +327,7 @@ class ResNet(Module):
     def _pass(self, plan, x, kind, stages, batch=None):
         """One pass of float32 ``x`` through ``backend.execute``: backend arrays out.
         ``batch``: the backend's choices are made as for that many images."""
-        backend = self._backend
+        backend = plan["backend"]
 
         def forward(xd):
             act = backend.from_nchw(xd)
@@ -335,7 +352,7 @@ class ResNet(Module):
         passes, CUDA graphs), the last chunk is padded with zeros to the others' size, so
         one shape's buffers serve them all.
         """
-        backend = self._backend
+        backend = plan["backend"]
         n = x.shape[0]
         size = -(-n // -(-n // chunk))        # equal chunks: ceil(n / number of chunks)
         run_kind = "features" if kind == "logits" else kind

@@ -27,7 +27,7 @@ import numpy as np
 from .._base import (Backend, batch_norm_affine, compose_conv_pool, conv_output_size,
                      default_threads, nbytes, workspace_free_sizes)
 from .._workspace import Workspace
-from . import gemm, kernels, replay
+from . import background, gemm, kernels, replay
 from .paths import RUNNERS, ConvPath, choose_path, prepare
 from .threads import shared
 from .tuning import Tuning
@@ -120,9 +120,27 @@ class NumbaBackend(Backend):
         if os.environ.get("NUMRES_NUM_THREADS"):
             _limit_blas_threads(threads)
         self.winograd = winograd and os.environ.get("NUMRES_WINOGRAD", "1") != "0"
-        self.executor = shared(threads)
+        self.threads = threads
+        self._executor = None
         self.workspace = Workspace()
-        _compile_notice()
+        if not kernels_cached():
+            if background.enabled():
+                background.start()
+            else:
+                _compile_notice()
+
+    @property
+    def executor(self):
+        """The process's :class:`~.threads.Executor` for this backend's thread count, made
+        at first use (its threads compile two small kernels: not while NumPy stands in)."""
+        if self._executor is None:
+            self._executor = shared(self.threads)
+        return self._executor
+
+    def stand_in(self):
+        """The NumPy backend while this machine's kernels compile in the background
+        (``background.py``), else None."""
+        return background.stand_in()
 
     # -- data movement ---------------------------------------------------------------------
     def from_nchw(self, x):

@@ -1,0 +1,127 @@
+"""A fresh machine's first calls: NumPy stands in while a child process compiles the kernels.
+
+Numba compiles numres's kernels the first time they run on a machine (~20 s on 2 CPUs) and
+keeps them in its on-disk cache; later processes load them in well under a second. A fresh
+container, CI job or serverless function meets the compile on its first call. Instead, the
+first :class:`~.backend.NumbaBackend` of a process that finds the cache empty starts
+``python -m numres.backends.numba.background`` (this module: :func:`~.backend.warmup` at low
+priority, one at a time per machine by a file lock), and until that child has finished,
+models on the Numba backend run their calls on the NumPy backend (:meth:`stand_in`): same
+results to float32 rounding, a few times slower, and no compiling in the caller's process.
+The first call after the child has finished loads the compiled kernels from the cache and
+runs on Numba, as every later one does.
+
+``NUMRES_BACKGROUND_COMPILE=0`` compiles in the process at the first call instead;
+``numres warmup`` (or importing nothing but running it once while building an image) fills
+the cache ahead, and then none of this happens.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+try:
+    import fcntl
+except ImportError:             # Windows: no lock, at worst two children compile at once
+    fcntl = None
+
+_lock = threading.Lock()
+_child = None          # the running compilation (a _Compilation), or None
+
+
+class _Compilation:
+    """The child process compiling the kernels, and what it printed (for a failure)."""
+
+    def __init__(self):
+        self.log = tempfile.TemporaryFile()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))))
+        env = dict(os.environ)
+        # The child imports the same numres as this process, wherever it came from.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "numres.backends.numba.background"], env=env,
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def finished(self):
+        """Whether the child has ended (successfully or not); a failure is warned once."""
+        code = self.process.poll()
+        if code is None:
+            return False
+        if code != 0:
+            self.log.seek(0)
+            tail = self.log.read()[-2000:].decode("utf-8", "replace").strip()
+            warnings.warn(f"numres: compiling the CPU kernels in the background failed (exit "
+                          f"status {code}); they compile in this process instead:\n{tail}",
+                          RuntimeWarning, stacklevel=3)
+        self.log.close()
+        return True
+
+
+def enabled():
+    """Whether a fresh machine's kernels compile in the background
+    (``NUMRES_BACKGROUND_COMPILE``, default on)."""
+    return os.environ.get("NUMRES_BACKGROUND_COMPILE", "1") != "0"
+
+
+def start():
+    """Start compiling in a child process (once per process)."""
+    global _child
+    with _lock:
+        if _child is None:
+            _child = _Compilation()
+            sys.stderr.write("numres: compiling the CPU kernels for this machine in the "
+                             "background (once; cached); calls run on NumPy until then. "
+                             "'numres warmup' does it ahead.\n")
+
+
+def stand_in():
+    """The NumPy backend while the child compiles, else None (and the child is forgotten)."""
+    global _child
+    child = _child
+    if child is None:
+        return None
+    with _lock:
+        if _child is not None and _child.finished():
+            _child = None
+        if _child is None:
+            return None
+    from .. import get_backend
+    return get_backend("numpy")
+
+
+def wait(timeout=None):
+    """Wait for a running background compilation (tests, and scripts that want Numba's speed
+    from the next call on). Returns True when none is left running."""
+    child = _child
+    if child is None:
+        return True
+    try:
+        child.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    stand_in()
+    return True
+
+
+def _compile():
+    """The child: low priority, one compiler per machine at a time, then every kernel."""
+    try:
+        os.nice(10)             # the parent's calls (on NumPy meanwhile) come first
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    lock_path = os.path.join(tempfile.gettempdir(), f"numres-compile-{uid}.lock")
+    with open(lock_path, "a") as lock:
+        if fcntl is not None:
+            # Another process compiling now: wait, then find (nearly) everything cached.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        from .backend import warmup
+        warmup()
+
+
+if __name__ == "__main__":
+    _compile()
