@@ -1,8 +1,9 @@
 """The first call on a fresh install: numres (kernels compiling in the background, and in the
 process as before) beside torch, each a whole new process on a checkpoint file.
 
-"Fresh" means a new clone of this repository's committed HEAD (imported through PYTHONPATH)
-and an empty Numba cache (``NUMBA_CACHE_DIR``), as a container or CI job meets numres. Each
+"Fresh" means a new clone of this repository's committed HEAD installed with pip into a new
+virtual environment, and an empty Numba cache (``NUMBA_CACHE_DIR``) for every process, as a
+container or CI job meets numres; torch runs from this interpreter's environment. Each
 process reports when it has imported, built the model from the ``.pth`` file and answered its
 first call; numres's also how long until the compiled kernels took over (background compile)
 and its call times after that. Medians over ``--repeats`` fresh processes per contender.
@@ -84,9 +85,9 @@ print(json.dumps({"import_s": t_import - t0, "build_s": t_build - t_import,
 """
 
 
-def run_child(code, args, env, label):
+def run_child(python, code, args, env, label):
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+    proc = subprocess.run([python, "-c", code, *args], env=env, capture_output=True,
                           text=True, timeout=3600)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -112,6 +113,12 @@ def main(argv=None):
         subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
         commit = subprocess.run(["git", "-C", clone, "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, check=True).stdout.strip()
+        venv = os.path.join(tmp, "venv")
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        python = os.path.join(venv, "bin", "python")
+        subprocess.run([python, "-m", "pip", "install", "-q", clone], check=True)
+        print(f"  fresh install (venv + pip install): {time.perf_counter() - t:.1f} s")
         ckpt = os.path.join(tmp, f"{args.model}.pth")
         numres.save_pth(numres.build(args.model, backend="numpy").state_dict(), ckpt)
         child_args = [args.model, ckpt, str(args.batch), str(args.size)]
@@ -126,14 +133,16 @@ def main(argv=None):
             for name, code, extra in contenders:
                 cache = warm_cache if extra.get("warm") else os.path.join(tmp, f"cache-{i}-"
                                                                           f"{len(results)}")
-                env = dict(os.environ, PYTHONPATH=clone, NUMBA_CACHE_DIR=cache,
+                env = dict(os.environ, NUMBA_CACHE_DIR=cache,
                            **{k: v for k, v in extra.items() if k != "warm"})
+                env.pop("PYTHONPATH", None)
+                exe = sys.executable if code is TORCH_CHILD else python
                 if extra.get("warm") and not os.path.isdir(cache):
-                    subprocess.run([sys.executable, "-m", "numres", "warmup"], env=env,
-                                   check=True, capture_output=True)
-                out = run_child(code, child_args, env, name)
-                if "file" in out and not out.pop("file").startswith(clone):
-                    raise SystemExit("the child did not import numres from the fresh clone")
+                    subprocess.run([python, "-m", "numres", "warmup"], env=env, check=True,
+                                   capture_output=True)
+                out = run_child(exe, code, child_args, env, name)
+                if "file" in out and not out.pop("file").startswith(venv):
+                    raise SystemExit("the child did not import the freshly installed numres")
                 results.setdefault(name, []).append(out)
                 print(f"  {name}, run {i + 1}: first answer after "
                       f"{out['to_first_answer_s']:.2f} s", flush=True)
