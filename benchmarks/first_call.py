@@ -87,8 +87,10 @@ print(json.dumps({"import_s": t_import - t0, "build_s": t_build - t_import,
 
 def run_child(python, code, args, env, label):
     t = time.perf_counter()
+    # Run from the root folder: ``-c`` puts the working directory first on sys.path, and
+    # this checkout's numres must not be the one imported.
     proc = subprocess.run([python, "-c", code, *args], env=env, capture_output=True,
-                          text=True, timeout=3600)
+                          text=True, timeout=3600, cwd="/")
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
@@ -117,7 +119,8 @@ def main(argv=None):
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
         python = os.path.join(venv, "bin", "python")
-        subprocess.run([python, "-m", "pip", "install", "-q", clone], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", clone], check=True,
+                       stderr=subprocess.DEVNULL)
         print(f"  fresh install (venv + pip install): {time.perf_counter() - t:.1f} s")
         ckpt = os.path.join(tmp, f"{args.model}.pth")
         numres.save_pth(numres.build(args.model, backend="numpy").state_dict(), ckpt)
@@ -139,7 +142,7 @@ def main(argv=None):
                 exe = sys.executable if code is TORCH_CHILD else python
                 if extra.get("warm") and not os.path.isdir(cache):
                     subprocess.run([python, "-m", "numres", "warmup"], env=env, check=True,
-                                   capture_output=True)
+                                   capture_output=True, cwd="/")
                 out = run_child(exe, code, child_args, env, name)
                 if "file" in out and not out.pop("file").startswith(venv):
                     raise SystemExit("the child did not import the freshly installed numres")
