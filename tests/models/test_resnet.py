@@ -69,6 +69,24 @@ def test_builder_matches_torchvision(reference, backend, arch):
     assert model.features(x).shape == (2, 512 if arch in ("resnet18", "resnet34") else 2048)
 
 
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
+def test_builder_matches_torchvision_at_224_batch_8_on_numba(tv, reference, arch):
+    """The default case the benchmarks time: there the Numba backend takes other paths
+    (Winograd, direct, panel-split and grouped kernels, 8-image tiles) than at 48x40."""
+    pytest.importorskip("numba", reason="Numba is not installed")
+    torch, torchvision = tv
+    zip_path = reference(arch)[0]
+    tmodel = getattr(torchvision.models, arch)()
+    tmodel.load_state_dict(torch.load(zip_path, weights_only=True))
+    x = np.random.default_rng(3).standard_normal((8, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        logits = tmodel.eval()(torch.from_numpy(x)).numpy()
+    del tmodel
+    model = numres.build(arch, weights=str(zip_path), backend="numba")
+    close(model(x), logits, f"{arch} logits at 224 px, batch 8")
+    close(model(x), logits, f"{arch} logits at 224 px, batch 8, replayed")
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_legacy_format_gives_the_same_model(reference, arch):
     zip_path, legacy_path, x, logits, _ = reference(arch)
