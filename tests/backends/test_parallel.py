@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -232,3 +233,26 @@ def test_a_pass_keeps_its_caller_on_one_cpu_and_the_workers_off_it():
     worker = [v for k, v in seen.items() if k != threading.current_thread().name]
     assert worker and not (worker[0] & here) and worker[0] <= before
     assert os.sched_getaffinity(0) == before     # restored after the pass
+
+
+@pytest.mark.parametrize("stale", ["post", "lock", "both"])
+def test_what_an_interrupted_wait_leaves_behind_is_not_taken_for_the_next_job(stale):
+    """A KeyboardInterrupt in a wait can leave a post or a released lock behind; the next
+    run must still wait for its own job (it returned at once, the worker still writing)."""
+    executor = _two_threads()
+    executor.run(2, lambda a, b: None)
+    worker = executor._workers[0]
+    if stale in ("post", "both"):
+        pool.post(worker._state, pool._DONE, pool._WORKER_CPU)
+    if stale in ("lock", "both"):
+        pool._release(worker._done)
+    out = np.zeros(2)
+
+    def fn(start, stop):
+        if start > 0:
+            time.sleep(0.2)             # the worker's half finishes late
+        out[start:stop] = 1
+    executor.run(2, fn)
+    assert out.sum() == 2
+    executor.run(2, lambda a, b: out.__setitem__(slice(a, b), 2))
+    assert (out == 2).all()

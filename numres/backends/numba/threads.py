@@ -107,8 +107,9 @@ class _Worker:
             # Drop the job now: it holds the layer's buffers, which the workspace may only
             # reuse once nothing else refers to them.
             job = fn = None
+            state[_FINISHED] = last
             if post(state, _DONE, _WORKER_CPU) == _SLEEPING:
-                self._done.release()
+                _release(self._done)
 
     def start(self, fn, start, stop):
         self._number += 1
@@ -118,15 +119,50 @@ class _Worker:
     def wake(self):
         """Have the worker spin (if it was blocked), ready for work that comes soon."""
         if post(self._state, _GO, _CALLER_CPU) == _SLEEPING:
-            self._go.release()
+            _release(self._go)
 
     def wait(self):
-        if not spin_wait(self._state, _DONE, self._spin, _CALLER_CPU, _WORKER_CPU):
-            self._done.acquire()
-        self._state[_DONE] = _WAITING
+        """Wait until the worker has finished the last job :meth:`start` gave it; returns
+        the exception it raised, or None.
+
+        The worker notes the number of each job it finishes, and this waits for that
+        number, not for any news: a wait interrupted before (KeyboardInterrupt) may have
+        left a post, or a released lock, behind.
+        """
+        state = self._state
+        while True:
+            if not spin_wait(state, _DONE, self._spin, _CALLER_CPU, _WORKER_CPU):
+                self._done.acquire()
+            state[_DONE] = _WAITING
+            if state[_FINISHED] == self._number:
+                break
         self._job = None
         error, self._error = self._error, None
         return error
+
+    def wait_through_interrupts(self):
+        """:meth:`wait`, finished even when interrupted (the worker is still writing into
+        the layer's buffers); the interruption is re-raised afterwards."""
+        interrupted = None
+        while True:
+            try:
+                error = self.wait()
+                break
+            except BaseException as exc:  # noqa: BLE001  (re-raised below)
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+        return error
+
+
+def _release(lock):
+    """Release a hand-off lock that may already be released: a waiter interrupted after it
+    said it would block never took it (it counts as one credit, and waiters check the job
+    number, so a second release has nothing to add)."""
+    try:
+        lock.release()
+    except RuntimeError:
+        pass
 
 
 class Executor:
@@ -151,7 +187,7 @@ class Executor:
         ticks = spin_ticks() if self.threads > 1 else 0
         self._workers = [_Worker(f"numres-{i}", self._set_local, ticks)
                          for i in range(1, self.threads)]
-        self._caller_cpu = None
+        self._kept_off = None     # (caller's CPU, CPUs) the workers were last placed by
         self._owner = None
         self._owner_lock = threading.Lock()
         self._place = _LINUX and os.environ.get("NUMRES_PLACE_THREADS", "1") != "0"
@@ -179,14 +215,15 @@ class Executor:
             return
         previous = None
         try:
-            cpu = current_cpu()
-            if cpu >= 0:
-                previous = os.sched_getaffinity(0)
-                self._keep_off(cpu, previous)
-                os.sched_setaffinity(0, {cpu})
-        except OSError:           # a container that forbids it: the scheduler decides
-            self._place = False
-        try:
+            try:
+                cpu = current_cpu()
+                if cpu >= 0:
+                    cpus = os.sched_getaffinity(0)
+                    self._keep_off(cpu, cpus)
+                    previous = cpus
+                    os.sched_setaffinity(0, {cpu})
+            except OSError:           # a container that forbids it: the scheduler decides
+                self._place = False
             if self._busy.acquire(blocking=False):
                 try:
                     for worker in self._workers:
@@ -201,15 +238,16 @@ class Executor:
             self._owner = None
 
     def _keep_off(self, cpu, cpus):
-        """Let the workers run on any of ``cpus`` but ``cpu`` (system calls only when ``cpu``
-        is not the one they already keep off)."""
-        if cpu == self._caller_cpu:
+        """Let the workers run on any of ``cpus`` but ``cpu`` (system calls only when these
+        are not what they were set to last time)."""
+        key = (cpu, frozenset(cpus))
+        if key == self._kept_off:
             return
-        allowed = cpus - {cpu}
+        allowed = set(cpus) - {cpu}
         if len(allowed) >= len(self._workers):
             for worker in self._workers:
                 os.sched_setaffinity(worker.native_id, allowed)
-        self._caller_cpu = cpu
+        self._kept_off = key
 
     @contextlib.contextmanager
     def single_threaded_blas(self):
@@ -259,7 +297,7 @@ class Executor:
                 with self.single_threaded_blas():
                     fn(bounds[0], bounds[1])
             finally:
-                errors = [worker.wait() for worker in started]
+                errors = [worker.wait_through_interrupts() for worker in started]
             for error in errors:
                 if error is not None:
                     raise error
@@ -302,10 +340,11 @@ COUNTER_STRIDE = 8
 # A hand-off word's states: the waiter spins while WAITING, has gone to block on a lock once
 # SLEEPING (so the poster must release it), and POSTED is the news it waits for.
 _WAITING, _SLEEPING, _POSTED = 0, 1, 2
-# Words of a worker's state: the hand-off to it, the hand-off back, and where each of the
-# two threads (the caller, the worker) last ran; each on its own cache line.
-_GO, _DONE, _CALLER_CPU, _WORKER_CPU = 0, COUNTER_STRIDE, 2 * COUNTER_STRIDE, \
-    3 * COUNTER_STRIDE
+# Words of a worker's state: the hand-off to it, the hand-off back, where each of the two
+# threads (the caller, the worker) last ran, and the number of the last job the worker
+# finished; each on its own cache line.
+_GO, _DONE, _CALLER_CPU, _WORKER_CPU, _FINISHED = (
+    i * COUNTER_STRIDE for i in range(5))
 #: How long (microseconds) a thread spins for the next hand-off before it blocks.
 SPIN_US = 1000
 
@@ -399,7 +438,7 @@ def _ticks(typingctx):
 def handoff_state():
     """The words two threads hand work over with (``_GO``, ``_DONE``) and where each last
     ran (``_CALLER_CPU``, ``_WORKER_CPU``; -1: not yet known)."""
-    state = np.zeros(4 * COUNTER_STRIDE, np.int64)
+    state = np.zeros(5 * COUNTER_STRIDE, np.int64)
     state[_CALLER_CPU] = state[_WORKER_CPU] = -1
     return state
 
@@ -420,7 +459,7 @@ def spin_wait(state, slot, ticks, mine, theirs):
     ``state[theirs]``; this one's is noted in ``state[mine]``) is on this thread's CPU.
     Returns True when the news came; False once the state says SLEEPING, and the caller must
     block on its lock."""
-    if ticks > 0:
+    if ticks > 0 and _X86:        # elsewhere the counter reads 0: never spin
         end = _ticks() + ticks
         while _ticks() < end:
             if _load(state, slot) == _POSTED:
