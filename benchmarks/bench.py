@@ -121,6 +121,7 @@ def main(argv=None):
                 for batch in map(int, args.batches.split(",")):
                     results.append(run_config(arch, batch, size, ckpt, torch_mods, backends,
                                               tmp, args, peak_before))
+    print_summary(results)
     peak_after = bench.sgemm_peak()
     print(f"\nsgemm peak after the run: {peak_after:.0f} GFLOP/s")
     env["sgemm_peak_gflops"] = [round(peak_before, 1), round(peak_after, 1)]
@@ -129,6 +130,26 @@ def main(argv=None):
             json.dump({"environment": env, "results": results}, f, indent=1)
         print(f"results written to {args.json}")
     return results
+
+
+def print_summary(results):
+    """One table of every configuration: the first numres backend beside torch's best and
+    ONNX Runtime (README's table)."""
+    print("\n## Summary (medians, this run)\n")
+    print("| model | batch | size | numres ms | torch best ms | ORT ms | numres / torch "
+          "| numres / ORT |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        rows = {row["contender"]: row for row in r["rows"]}
+        ours = next((row for name, row in rows.items() if name.startswith("numres-")), None)
+        if ours is None:
+            continue
+        torch_ms = min((rows[k]["ms"] for k in ("torch-nchw", "torch-cl") if k in rows),
+                       default=None)
+        ort_ms = rows["onnxruntime"]["ms"] if "onnxruntime" in rows else None
+        print(f"| {r['model']} | {r['batch']} | {r['size']} | {ours['ms']:.1f} | "
+              f"{bench.fmt(torch_ms, '.1f')} | {bench.fmt(ort_ms, '.1f')} | "
+              f"{bench.fmt(ours['vs_torch'], '.2f')} | {bench.fmt(ours['vs_ort'], '.2f')} |")
 
 
 def run_config(arch, batch, size, ckpt, torch_mods, backends, tmp, args, peak):

@@ -156,9 +156,10 @@ class ResNet(Module):
         self.arch = None
         self.weights = None  # the registry Weights when built pretrained
         self._backend = get_backend(backend)
-        self._active = self._backend   # what calls run on now (Backend.stand_in)
-        self._plan = None
+        self._active = self._backend   # what the last call ran on (Backend.stand_in)
+        self._plans = {}               # backend -> its prepared weights
         self._plan_lock = threading.Lock()
+        self._call = threading.local()  # .plan: what this thread's call runs on
         self.memory_limit = None
         #: Called with the parameters' arrays once the backend holds its own copies of them
         #: (the builders pass ``numres.checkpoint.release_pages``: a checkpoint file's pages
@@ -191,10 +192,12 @@ class ResNet(Module):
 
     @property
     def active_backend(self):
-        """The backend calls run on now: :attr:`backend`, or the stand-in it names while it
+        """The backend calls run on: :attr:`backend`, or the stand-in it names while it
         cannot run yet (the Numba backend's kernels compiling in the background on a fresh
-        machine: :meth:`~numres.backends.Backend.stand_in`)."""
-        return self._active
+        machine: :meth:`~numres.backends.Backend.stand_in`). Inside a call, that call's;
+        otherwise the last call's."""
+        plan = getattr(self._call, "plan", None)
+        return self._active if plan is None else plan["backend"]
 
     def to(self, backend):
         """Move the model to another backend (weights are re-prepared). Returns ``self``."""
@@ -205,7 +208,7 @@ class ResNet(Module):
     def reset_prepared(self):
         """Drop the backend's prepared copy of the weights (after changing ``params`` in
         place); it is made again, from the parameters, at the next call."""
-        self._plan = None
+        self._plans = {}
 
     def load_state_dict(self, state_dict, strict=True):
         """Load torchvision-named weights; ``num_batches_tracked`` entries are ignored.
@@ -224,21 +227,38 @@ class ResNet(Module):
         self.reset_prepared()
         return result
 
-    def _prepared(self):
-        """The weights prepared for :attr:`active_backend` (made once per backend: a stand-in's
-        plan is dropped when the model's own backend takes over)."""
-        backend = self._active
-        plan = self._plan
-        if plan is None or plan["backend"] is not backend:
+    def _prepared(self, backend=None):
+        """The weights prepared for ``backend`` (default: the current call's, else the
+        model's own backend), made once per backend."""
+        if backend is None:
+            plan = getattr(self._call, "plan", None)
+            if plan is not None:
+                return plan
+            backend = self._backend
+        plan = self._plans.get(backend)
+        if plan is None:
             with self._plan_lock:
-                if self._plan is None or self._plan["backend"] is not backend:
-                    self._plan = None       # a stand-in's weights go before the new ones come
-                    self._plan = self._prepare(backend)
+                plan = self._plans.get(backend)
+                if plan is None:
+                    plan = self._plans[backend] = self._prepare(backend)
                     if self.after_prepare is not None and (backend.copies_weights
                                                            or self.fold_bn):
                         # The backend holds its own copies (folding makes new arrays too).
                         self.after_prepare(self.state_dict().values())
-                plan = self._plan
+        return plan
+
+    def _call_plan(self, x):
+        """The prepared weights this call runs on: its stand-in's while the model's backend
+        names one (:meth:`~numres.backends.Backend.stand_in`, asked once per call), else the
+        model's backend's (and a stand-in's are dropped)."""
+        stand_in = self._backend.stand_in() if isinstance(x, np.ndarray) else None
+        if stand_in is not None:
+            return self._prepared(stand_in)
+        plan = self._prepared(self._backend)
+        if len(self._plans) > 1:
+            with self._plan_lock:
+                for other in [b for b in self._plans if b is not self._backend]:
+                    del self._plans[other]
         return plan
 
     def _prepare(self, backend):
@@ -305,19 +325,19 @@ class ResNet(Module):
                 in chunks instead.
         """
         x = check_input(x, self._backend, cast=False)
-        # Decided once per call: a stand-in runs only NumPy input, and a switch happens
-        # between calls.
-        self._active = (self._backend.stand_in() if isinstance(x, np.ndarray) else None) \
-            or self._backend
-        plan = self._prepared()
-        backend = plan["backend"]
-        on_device = backend.owns(x)
-        n = x.shape[0]
         copy_input = x.dtype != np.float32 or not x.flags.c_contiguous
-        chunk = memory.batch_chunk(self, x.shape, kind, stages, copy_input)
-        if chunk < n:
-            return self._chunked(plan, x, kind, stages, chunk, on_device)
-        out = self._pass(plan, as_float32(x), kind, stages)
+        try:
+            plan = self._call_plan(x)
+            # Memory estimates and the pass see this call's backend and weights only.
+            self._call.plan = plan
+            backend = self._active = plan["backend"]
+            on_device = backend.owns(x)
+            chunk = memory.batch_chunk(self, x.shape, kind, stages, copy_input)
+            if chunk < x.shape[0]:
+                return self._chunked(plan, x, kind, stages, chunk, on_device)
+            out = self._pass(plan, as_float32(x), kind, stages)
+        finally:
+            self._call.plan = None
         if on_device:
             return out
         if isinstance(out, dict):

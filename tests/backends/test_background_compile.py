@@ -63,6 +63,21 @@ def test_numpy_answers_while_the_kernels_compile_then_numba_takes_over(tmp_path)
 
 
 @pytest.mark.slow
+def test_numres_warmup_fills_the_cache_itself_and_says_so_for_later_processes(tmp_path):
+    cache = tmp_path / "numba-cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMRES_BACKGROUND_COMPILE="1",
+               PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "numres", "warmup"], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "background" not in proc.stderr           # it compiled here, no child
+    assert any(name.startswith("numres-warm-") for _, _, files in os.walk(cache)
+               for name in files)
+    got, err = _run(cache)
+    assert got["first_ran_on"] == "numba" and "compiling" not in err
+
+
+@pytest.mark.slow
 def test_a_failed_background_compile_is_reported_and_the_process_compiles(tmp_path):
     got, err = _run(tmp_path / "numba-cache", "fail")
     assert "compiling the CPU kernels in the background failed (exit status 1)" in err

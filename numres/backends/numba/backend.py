@@ -17,6 +17,7 @@ first pass per input shape is recorded and later ones replay it (``replay.py``).
 """
 
 import contextlib
+import hashlib
 import os
 import sys
 import threading
@@ -27,7 +28,7 @@ import numpy as np
 from .._base import (Backend, batch_norm_affine, compose_conv_pool, conv_output_size,
                      default_threads, nbytes, workspace_free_sizes)
 from .._workspace import Workspace
-from . import background, gemm, kernels, replay
+from . import background, gemm, kernels, replay, threads
 from .paths import RUNNERS, ConvPath, choose_path, prepare
 from .threads import shared
 from .tuning import Tuning
@@ -45,12 +46,44 @@ class Linear:
     bias: np.ndarray
 
 
-def kernels_cached():
-    """Whether this machine already has the compiled kernels on disk (Numba's cache)."""
+def _cache_folder():
+    """The folder of Numba's on-disk cache for these kernels, or None (a Numba without this
+    internal layout)."""
     try:
-        return os.path.exists(gemm.conv_pixels._cache._cache_file._index_path)
-    except AttributeError:  # a Numba without this internal layout: assume compiled
-        return True
+        return os.path.dirname(gemm.conv_pixels._cache._cache_file._index_path)
+    except AttributeError:
+        return None
+
+
+def _warm_marker():
+    """The file :func:`warmup` leaves in Numba's cache folder once every kernel is there,
+    named for what Numba's cache entries depend on: this package's source files (size and
+    time of each), the Numba and numres versions and the CPU. None: no cache folder."""
+    import numba
+    from llvmlite import binding as llvm_binding
+    from ... import __version__
+    folder = _cache_folder()
+    if folder is None:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    stamps = sorted((name, os.stat(os.path.join(here, name)).st_mtime_ns,
+                     os.stat(os.path.join(here, name)).st_size)
+                    for name in os.listdir(here) if name.endswith(".py"))
+    key = repr((stamps, numba.__version__, __version__, llvm_binding.get_host_cpu_name(),
+                llvm_binding.get_host_cpu_features().flatten()))
+    return os.path.join(folder, f"numres-warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+
+
+def kernels_cached():
+    """Whether this machine has every compiled kernel on disk: :func:`warmup` has run (in
+    ``numres warmup``, or the background compile) since these sources and this Numba."""
+    marker = _warm_marker()
+    return marker is None or os.path.exists(marker)
+
+
+def _anything_cached():
+    folder = _cache_folder()
+    return folder is None or os.path.exists(gemm.conv_pixels._cache._cache_file._index_path)
 
 
 _notice_lock = threading.Lock()
@@ -60,7 +93,7 @@ _noticed = False
 def _compile_notice():
     global _noticed
     with _notice_lock:
-        if _noticed or kernels_cached():
+        if _noticed or _anything_cached():
             return
         _noticed = True
     sys.stderr.write("numres: compiling the CPU kernels for this machine; this happens once "
@@ -70,7 +103,23 @@ def _compile_notice():
 def warmup():
     """Compile (or load from cache) every kernel the backend uses, on tiny arrays, so that
     no later call pauses: each convolution path, the fused stem, Winograd, grouped
-    convolution, unfolded batch norm, pooling and the layout change."""
+    convolution, unfolded batch norm, pooling, the layout change and the threads' hand-offs;
+    then notes in the cache that all of them are there (:func:`kernels_cached`)."""
+    with background.compiling_here():
+        _warm_every_kernel()
+    marker = _warm_marker()
+    if marker is not None:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write("every numres kernel is in this cache (numres warmup)\n")
+
+
+def _warm_every_kernel():
+    state = threads.handoff_state()
+    threads.post(state, threads._GO, threads._CALLER_CPU)
+    threads.spin_wait(state, threads._GO, 0, threads._WORKER_CPU, threads._CALLER_CPU)
+    threads.current_cpu()
+    threads._now()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 8, 9, 9)).astype(np.float32)
     for be in (NumbaBackend(threads=1, winograd_min_tiles=0, winograd_min_tiles_wide=0),
@@ -123,11 +172,8 @@ class NumbaBackend(Backend):
         self.threads = threads
         self._executor = None
         self.workspace = Workspace()
-        if not kernels_cached():
-            if background.enabled():
-                background.start()
-            else:
-                _compile_notice()
+        if not kernels_cached() and not (background.enabled() and background.start()):
+            _compile_notice()
 
     @property
     def executor(self):
@@ -272,7 +318,8 @@ class NumbaBackend(Backend):
     def memory_events(self, op):
         """The workspace buffers, thread scratch and lazily made Winograd filters of each
         op; a convolution's come from the runner of the path it takes (``paths.RUNNERS``)."""
-        threads = self.executor.threads
+        # The configured count, not the executor's (made at first use; at most as many).
+        threads = self.threads
         if op.kind == "input":
             n, c, h, w = op.x
             return [("alloc", "out", nbytes((n, h, w, c)))]

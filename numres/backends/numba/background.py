@@ -16,6 +16,7 @@ runs on Numba, as every later one does.
 the cache ahead, and then none of this happens.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -30,24 +31,36 @@ except ImportError:             # Windows: no lock, at worst two children compil
 
 _lock = threading.Lock()
 _child = None          # the running compilation (a _Compilation), or None
+_started = False       # one child per process at most (a failed one is not retried)
+_here = 0              # warmup() running in this process: it must not start a child
 
 
 class _Compilation:
     """The child process compiling the kernels, and what it printed (for a failure)."""
 
     def __init__(self):
-        self.log = tempfile.TemporaryFile()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__)))))
-        env = dict(os.environ)
-        # The child imports the same numres as this process, wherever it came from.
+        # The child imports the same numres as this process, wherever it came from (its
+        # folder first on the path, and the working directory), and starts no child itself.
+        env = dict(os.environ, NUMRES_BACKGROUND_COMPILE="0")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "numres.backends.numba.background"], env=env,
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = tempfile.TemporaryFile()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "numres.backends.numba.background"], env=env, cwd=root,
+                stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        except BaseException:
+            self.log.close()
+            raise
+        self.pid = os.getpid()
 
     def finished(self):
-        """Whether the child has ended (successfully or not); a failure is warned once."""
+        """Whether the child has ended (successfully or not); a failure is warned once. In
+        a process forked from the one that started it, whether the kernels are cached."""
+        if os.getpid() != self.pid:
+            from .backend import kernels_cached
+            return kernels_cached()
         code = self.process.poll()
         if code is None:
             return False
@@ -63,19 +76,45 @@ class _Compilation:
 
 def enabled():
     """Whether a fresh machine's kernels compile in the background
-    (``NUMRES_BACKGROUND_COMPILE``, default on)."""
-    return os.environ.get("NUMRES_BACKGROUND_COMPILE", "1") != "0"
+    (``NUMRES_BACKGROUND_COMPILE``, default on; never in a frozen application, whose
+    executable is not a Python that could run the child)."""
+    return (os.environ.get("NUMRES_BACKGROUND_COMPILE", "1") != "0" and not _here
+            and not getattr(sys, "frozen", False) and bool(sys.executable))
+
+
+@contextlib.contextmanager
+def compiling_here():
+    """While :func:`~.backend.warmup` compiles in this process: no child is started."""
+    global _here
+    with _lock:
+        _here += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _here -= 1
 
 
 def start():
-    """Start compiling in a child process (once per process)."""
-    global _child
+    """Start compiling in a child process (once per process). Returns False when none
+    runs (it could not be started, or one already ended): the caller compiles here."""
+    global _child, _started
     with _lock:
         if _child is None:
-            _child = _Compilation()
+            if _started:
+                return False
+            _started = True
+            try:
+                _child = _Compilation()
+            except OSError as exc:
+                warnings.warn(f"numres: could not start compiling the CPU kernels in the "
+                              f"background ({exc}); they compile in this process instead",
+                              RuntimeWarning, stacklevel=3)
+                return False
             sys.stderr.write("numres: compiling the CPU kernels for this machine in the "
                              "background (once; cached); calls run on NumPy until then. "
                              "'numres warmup' does it ahead.\n")
+        return True
 
 
 def stand_in():
@@ -111,7 +150,7 @@ def _compile():
     """The child: low priority, one compiler per machine at a time, then every kernel."""
     try:
         os.nice(10)             # the parent's calls (on NumPy meanwhile) come first
-    except OSError:
+    except (OSError, AttributeError):       # not allowed, or Windows
         pass
     uid = os.getuid() if hasattr(os, "getuid") else 0
     lock_path = os.path.join(tempfile.gettempdir(), f"numres-compile-{uid}.lock")
