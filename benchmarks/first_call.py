@@ -24,7 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 
 import numres  # noqa: E402
 from numres import bench  # noqa: E402

@@ -15,7 +15,7 @@ os.environ.setdefault("NUMRES_BACKGROUND_COMPILE", "0")
 
 import numres  # noqa: E402
 
-from . import torch_import
+from . import torch_import  # noqa: E402
 
 
 def import_torchvision():
