@@ -1,7 +1,10 @@
 """Latency as a service meets it: calls after idle gaps, and a stream of requests with random
-gaps, numres beside torch and ONNX Runtime in one process, batch 1.
+gaps, numres beside torch and ONNX Runtime, batch 1.
 
-Cases, for every contender (the gap cases interleaved at random, so a slow phase of the
+Each contender runs in a process of its own, as a service hosts one runtime (idle threads of
+the others, in the same process, made numres's calls after a gap 10-20% slower);
+``--same-process`` runs them all in this one, the gap cases interleaved across contenders.
+Cases, for every contender (its gap cases interleaved at random, so that a slow phase of the
 machine falls on all of them alike):
 
 * back to back: a call right after another;
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,14 +39,17 @@ from numres import bench  # noqa: E402
 from bench import _write_checkpoint, import_torch, reference_contenders  # noqa: E402
 
 
-def numres_variants(arch, ckpt, x):
-    """numres as shipped, and with spinning and placement off (its own threads)."""
+def numres_variants(arch, ckpt, x, names=("numres", "numres-unplaced")):
+    """numres as shipped, and with spinning and placement off (its own threads; made after
+    the shipped one's, which keeps its settings)."""
     from numres.backends.numba import NumbaBackend, background, threads
     background.wait()
     out = []
     for name, env in (("numres", {}),
                       ("numres-unplaced", {"NUMRES_SPIN_US": "0",
                                            "NUMRES_PLACE_THREADS": "0"})):
+        if name not in names:
+            continue
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -80,8 +87,13 @@ def main(argv=None):
     p.add_argument("--gaps", default="0.25,2")
     p.add_argument("--trials", type=int, default=12, help="calls per gap and contender")
     p.add_argument("--requests", type=int, default=300, help="requests per stream")
+    p.add_argument("--same-process", action="store_true",
+                   help="all contenders in this process")
     p.add_argument("--json", help="write results here")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)     # contender, checkpoint
     args = p.parse_args(argv)
+    if args.child:
+        return child(args)
     torch_mods, note = import_torch()
     if torch_mods:
         torch_mods[0].set_num_threads(numres.backends.default_threads())
@@ -96,10 +108,24 @@ def main(argv=None):
             _write_checkpoint(arch, ckpt, torch_mods)
             x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)) \
                 .astype(np.float32)
-            contenders = numres_variants(arch, ckpt, x)
-            others, notes = reference_contenders(arch, ckpt, torch_mods, tmp, x)
-            contenders += [c for c in others if c.name != "torch-cl"]   # NCHW: torch's best
-            results.append(measure(arch, contenders, gaps, args, notes))
+            if args.same_process:
+                contenders = numres_variants(arch, ckpt, x)
+                others, notes = reference_contenders(arch, ckpt, torch_mods, tmp, x)
+                contenders += [c for c in others if c.name != "torch-cl"]   # NCHW: torch's
+                rows = measure(contenders, gaps, args)
+            else:
+                rows, notes = [], {}
+                for name in ("numres", "numres-unplaced", "torch-nchw", "onnxruntime"):
+                    out = subprocess.run(
+                        [sys.executable, os.path.abspath(__file__), "--child", name, ckpt,
+                         "--models", arch, "--size", str(args.size), "--gaps", args.gaps,
+                         "--trials", str(args.trials), "--requests", str(args.requests)],
+                        capture_output=True, text=True)
+                    if out.returncode != 0:
+                        notes[name] = out.stderr.strip().splitlines()[-1][:200]
+                        continue
+                    rows += json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(report(arch, rows, gaps, args, notes))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "results": results}, f, indent=1)
@@ -107,7 +133,29 @@ def main(argv=None):
     return results
 
 
-def measure(arch, contenders, gaps, args, notes):
+def child(args):
+    """One contender in this process: its rows as JSON on the last line."""
+    name, ckpt = args.child
+    arch = args.models
+    x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)) \
+        .astype(np.float32)
+    if name.startswith("numres"):
+        contenders = numres_variants(arch, ckpt, x, (name,))
+    else:
+        torch_mods, note = import_torch()
+        if not torch_mods:
+            raise SystemExit(f"torch unavailable: {note}")
+        torch_mods[0].set_num_threads(numres.backends.default_threads())
+        with tempfile.TemporaryDirectory() as tmp:
+            others, notes = reference_contenders(arch, ckpt, torch_mods, tmp, x)
+        contenders = [c for c in others if c.name == name]
+        if not contenders:
+            raise SystemExit(f"{name} unavailable: {notes.get(name, '?')}")
+    print(json.dumps(measure(contenders, [float(g) for g in args.gaps.split(",") if g],
+                             args)))
+
+
+def measure(contenders, gaps, args):
     for c in contenders:
         for _ in range(5):
             c.fn()
@@ -130,8 +178,13 @@ def measure(arch, contenders, gaps, args, notes):
                "stream_p50_ms": float(np.percentile(lat, 50)) * 1e3,
                "stream_p99_ms": float(np.percentile(lat, 99)) * 1e3}
         rows.append(row)
+    return rows
+
+
+def report(arch, rows, gaps, args, notes):
+    where = "one process" if args.same_process else "a process each"
     print(f"\n## {arch}, batch 1, {args.size}x{args.size}: latency (medians of "
-          f"{args.trials}; a stream of {args.requests} requests at half load)\n")
+          f"{args.trials}; a stream of {args.requests} requests at half load; {where})\n")
     gap_cols = " | ".join(f"after {g:g} s (x back to back)" for g in gaps)
     print(f"| contender | back to back | {gap_cols} | stream p50 | stream p99 | p99 / p50 |")
     print("|---|---|" + "---|" * len(gaps) + "---|---|---|")
