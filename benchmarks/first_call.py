@@ -131,10 +131,11 @@ def main(argv=None):
         if not args.no_torch:
             contenders.append(("torch", TORCH_CHILD, {}))
         warm_cache = os.path.join(tmp, "warm-cache")
+        fresh = 0
         for i in range(args.repeats):
             for name, code, extra in contenders:
-                cache = warm_cache if extra.get("warm") else os.path.join(tmp, f"cache-{i}-"
-                                                                          f"{len(results)}")
+                fresh += 1              # a new, empty Numba cache for every fresh process
+                cache = warm_cache if extra.get("warm") else os.path.join(tmp, f"cache-{fresh}")
                 env = dict(os.environ, NUMBA_CACHE_DIR=cache,
                            **{k: v for k, v in extra.items() if k != "warm"})
                 env.pop("PYTHONPATH", None)
