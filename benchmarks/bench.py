@@ -125,10 +125,7 @@ def main(argv=None):
     peak_after = bench.sgemm_peak()
     print(f"\nsgemm peak after the run: {peak_after:.0f} GFLOP/s")
     env["sgemm_peak_gflops"] = [round(peak_before, 1), round(peak_after, 1)]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results}, f, indent=1)
-        print(f"results written to {args.json}")
+    bench.write_results(args.json, env, results)
     return results
 
 

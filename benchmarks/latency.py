@@ -126,10 +126,7 @@ def main(argv=None):
                         continue
                     rows += json.loads(out.stdout.strip().splitlines()[-1])
             results.append(report(arch, rows, gaps, args, notes))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results}, f, indent=1)
-        print(f"results written to {args.json}")
+    bench.write_results(args.json, env, results)
     return results
 
 

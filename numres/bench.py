@@ -244,11 +244,16 @@ def main(argv=None, defaults=None):
     peak_after = sgemm_peak()
     print(f"\nsgemm peak after the run: {peak_after:.0f} GFLOP/s")
     env["sgemm_peak_gflops"] = [round(peak_before, 1), round(peak_after, 1)]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results}, f, indent=1)
-        print(f"results written to {args.json}")
+    write_results(args.json, env, results)
     return results
+
+
+def write_results(path, env, results):
+    """``{"environment": env, "results": results}`` as JSON to ``path`` (nothing if None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"environment": env, "results": results}, f, indent=1)
+        print(f"results written to {path}")
 
 
 def _run_config(arch, batch, size, ckpt, backends, args, peak):
