@@ -208,7 +208,8 @@ class ResNet(Module):
     def reset_prepared(self):
         """Drop the backend's prepared copy of the weights (after changing ``params`` in
         place); it is made again, from the parameters, at the next call."""
-        self._plans = {}
+        with self._plan_lock:       # after a preparation in progress, not under it
+            self._plans = {}
 
     def load_state_dict(self, state_dict, strict=True):
         """Load torchvision-named weights; ``num_batches_tracked`` entries are ignored.
@@ -228,13 +229,14 @@ class ResNet(Module):
         return result
 
     def _prepared(self, backend=None):
-        """The weights prepared for ``backend`` (default: the current call's, else the
-        model's own backend), made once per backend."""
+        """The weights prepared for ``backend`` (default: the current call's, else those
+        of :attr:`active_backend`, as memory estimates outside a call see it), made once
+        per backend."""
         if backend is None:
             plan = getattr(self._call, "plan", None)
             if plan is not None:
                 return plan
-            backend = self._backend
+            backend = self._active
         plan = self._plans.get(backend)
         if plan is None:
             with self._plan_lock:
@@ -258,7 +260,7 @@ class ResNet(Module):
         if len(self._plans) > 1:
             with self._plan_lock:
                 for other in [b for b in self._plans if b is not self._backend]:
-                    del self._plans[other]
+                    self._plans.pop(other, None)
         return plan
 
     def _prepare(self, backend):

@@ -82,3 +82,19 @@ def test_a_failed_background_compile_is_reported_and_the_process_compiles(tmp_pa
     got, err = _run(tmp_path / "numba-cache", "fail")
     assert "compiling the CPU kernels in the background failed (exit status 1)" in err
     assert got["waited"] and got["then_ran_on"] == "numba" and got["then_out"] < 1e-3
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_a_forked_process_sees_a_compile_by_the_machine_lock(tmp_path, monkeypatch):
+    """A process forked from the one that started the child cannot wait for it: it asks
+    whether anyone holds the compile lock (the child holds it while it compiles)."""
+    import fcntl
+
+    from numres.backends.numba import background
+    lock_path = tmp_path / "numres-compile.lock"
+    monkeypatch.setattr(background, "_lock_path", lambda: str(lock_path))
+    assert not background._compile_running()
+    with open(lock_path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert background._compile_running()
+    assert not background._compile_running()

@@ -58,7 +58,12 @@ def _cache_folder():
 def _warm_marker():
     """The file :func:`warmup` leaves in Numba's cache folder once every kernel is there,
     named for what Numba's cache entries depend on: this package's source files (size and
-    time of each), the Numba and numres versions and the CPU. None: no cache folder."""
+    time of each), the Python, Numba and numres versions and the CPU (or Numba's
+    ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``). None: no cache folder.
+
+    Raises:
+        OSError, RuntimeError: a source file vanished meanwhile, the CPU cannot be read.
+    """
     import numba
     from llvmlite import binding as llvm_binding
     from ... import __version__
@@ -66,18 +71,24 @@ def _warm_marker():
     if folder is None:
         return None
     here = os.path.dirname(os.path.abspath(__file__))
-    stamps = sorted((name, os.stat(os.path.join(here, name)).st_mtime_ns,
-                     os.stat(os.path.join(here, name)).st_size)
-                    for name in os.listdir(here) if name.endswith(".py"))
-    key = repr((stamps, numba.__version__, __version__, llvm_binding.get_host_cpu_name(),
-                llvm_binding.get_host_cpu_features().flatten()))
+    stamps = []
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            st = os.stat(os.path.join(here, name))
+            stamps.append((name, st.st_mtime_ns, st.st_size))
+    key = repr((stamps, sys.version_info[:2], numba.__version__, __version__,
+                numba.config.CPU_NAME or llvm_binding.get_host_cpu_name(),
+                numba.config.CPU_FEATURES or llvm_binding.get_host_cpu_features().flatten()))
     return os.path.join(folder, f"numres-warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
 
 
 def kernels_cached():
     """Whether this machine has every compiled kernel on disk: :func:`warmup` has run (in
     ``numres warmup``, or the background compile) since these sources and this Numba."""
-    marker = _warm_marker()
+    try:
+        marker = _warm_marker()
+    except (OSError, RuntimeError):
+        return False
     return marker is None or os.path.exists(marker)
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 
 try:
@@ -44,7 +45,9 @@ class _Compilation:
         # The child imports the same numres as this process, wherever it came from (its
         # folder first on the path, and the working directory), and starts no child itself.
         env = dict(os.environ, NUMRES_BACKGROUND_COMPILE="0")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        if not _installed(root):      # a checkout: its folder first (not site-packages,
+            env["PYTHONPATH"] = os.pathsep.join(      # which would go before the stdlib)
+                p for p in (root, env.get("PYTHONPATH")) if p)
         self.log = tempfile.TemporaryFile()
         try:
             self.process = subprocess.Popen(
@@ -59,8 +62,9 @@ class _Compilation:
         """Whether the child has ended (successfully or not); a failure is warned once. In
         a process forked from the one that started it, whether the kernels are cached."""
         if os.getpid() != self.pid:
-            from .backend import kernels_cached
-            return kernels_cached()
+            # Not this process's child: over once it no longer holds the machine's lock
+            # (then either the kernels are cached, or this process compiles them).
+            return not _compile_running()
         code = self.process.poll()
         if code is None:
             return False
@@ -72,6 +76,31 @@ class _Compilation:
                           RuntimeWarning, stacklevel=3)
         self.log.close()
         return True
+
+
+def _installed(root):
+    """Whether ``root`` (numres's parent folder) is a site-packages folder."""
+    import site
+    folders = list(getattr(site, "getsitepackages", lambda: [])())
+    folders.append(getattr(site, "getusersitepackages", lambda: "")())
+    return any(f and os.path.abspath(f) == root for f in folders)
+
+
+def _lock_path():
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"numres-compile-{uid}.lock")
+
+
+def _compile_running():
+    """Whether some process holds the machine's compile lock now."""
+    if fcntl is None:
+        return False
+    try:
+        with open(_lock_path(), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    return False
 
 
 def enabled():
@@ -138,6 +167,13 @@ def wait(timeout=None):
     child = _child
     if child is None:
         return True
+    if os.getpid() != child.pid:          # a forked process: not its child to wait for
+        end = None if timeout is None else time.monotonic() + timeout
+        while stand_in() is not None:
+            if end is not None and time.monotonic() > end:
+                return False
+            time.sleep(0.1)
+        return True
     try:
         child.process.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -152,14 +188,21 @@ def _compile():
         os.nice(10)             # the parent's calls (on NumPy meanwhile) come first
     except (OSError, AttributeError):       # not allowed, or Windows
         pass
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    lock_path = os.path.join(tempfile.gettempdir(), f"numres-compile-{uid}.lock")
-    with open(lock_path, "a") as lock:
+    with open(_lock_path(), "a") as lock:
         if fcntl is not None:
             # Another process compiling now: wait, then find (nearly) everything cached.
             fcntl.flock(lock, fcntl.LOCK_EX)
         from .backend import warmup
         warmup()
+
+
+def _after_fork():
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 if __name__ == "__main__":

@@ -130,29 +130,31 @@ class _Worker:
         left a post, or a released lock, behind.
         """
         state = self._state
-        while True:
+        # Checked first, so that a wait interrupted after the news came returns at once
+        # when called again.
+        while state[_FINISHED] != self._number:
             if not spin_wait(state, _DONE, self._spin, _CALLER_CPU, _WORKER_CPU):
                 self._done.acquire()
             state[_DONE] = _WAITING
-            if state[_FINISHED] == self._number:
-                break
         self._job = None
         error, self._error = self._error, None
         return error
 
-    def wait_through_interrupts(self):
-        """:meth:`wait`, finished even when interrupted (the worker is still writing into
-        the layer's buffers); the interruption is re-raised afterwards."""
-        interrupted = None
+
+def _wait_all(workers):
+    """Every worker's :meth:`_Worker.wait`, finished even when interrupted (they are still
+    writing into the layer's buffers); the first interruption is re-raised afterwards."""
+    errors, interrupted = [], None
+    for worker in workers:
         while True:
             try:
-                error = self.wait()
+                errors.append(worker.wait())
                 break
             except BaseException as exc:  # noqa: BLE001  (re-raised below)
                 interrupted = interrupted or exc
-        if interrupted is not None:
-            raise interrupted
-        return error
+    if interrupted is not None:
+        raise interrupted
+    return errors
 
 
 def _release(lock):
@@ -297,7 +299,7 @@ class Executor:
                 with self.single_threaded_blas():
                     fn(bounds[0], bounds[1])
             finally:
-                errors = [worker.wait_through_interrupts() for worker in started]
+                errors = _wait_all(started)
             for error in errors:
                 if error is not None:
                     raise error
