@@ -17,6 +17,7 @@ first pass per input shape is recorded and later ones replay it (``replay.py``).
 """
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
@@ -46,20 +47,23 @@ class Linear:
     bias: np.ndarray
 
 
-def _cache_folder():
-    """The folder of Numba's on-disk cache for these kernels, or None (a Numba without this
+def _cache_index():
+    """The index file of one kernel in Numba's on-disk cache, or None (a Numba without this
     internal layout)."""
     try:
-        return os.path.dirname(gemm.conv_pixels._cache._cache_file._index_path)
+        return gemm.conv_pixels._cache._cache_file._index_path
     except AttributeError:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _warm_marker():
     """The file :func:`warmup` leaves in Numba's cache folder once every kernel is there,
     named for what Numba's cache entries depend on: this package's source files (size and
     time of each), the Python, Numba and numres versions and the CPU (or Numba's
     ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``). None: no cache folder.
+
+    Made once per process (the sources Numba compiled from do not change under it).
 
     Raises:
         OSError, RuntimeError: a source file vanished meanwhile, the CPU cannot be read.
@@ -67,8 +71,8 @@ def _warm_marker():
     import numba
     from llvmlite import binding as llvm_binding
     from ... import __version__
-    folder = _cache_folder()
-    if folder is None:
+    index = _cache_index()
+    if index is None:
         return None
     here = os.path.dirname(os.path.abspath(__file__))
     stamps = []
@@ -79,7 +83,8 @@ def _warm_marker():
     key = repr((stamps, sys.version_info[:2], numba.__version__, __version__,
                 numba.config.CPU_NAME or llvm_binding.get_host_cpu_name(),
                 numba.config.CPU_FEATURES or llvm_binding.get_host_cpu_features().flatten()))
-    return os.path.join(folder, f"numres-warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(os.path.dirname(index), f"numres-warm-{digest}")
 
 
 def kernels_cached():
@@ -93,8 +98,8 @@ def kernels_cached():
 
 
 def _anything_cached():
-    folder = _cache_folder()
-    return folder is None or os.path.exists(gemm.conv_pixels._cache._cache_file._index_path)
+    index = _cache_index()
+    return index is None or os.path.exists(index)
 
 
 _notice_lock = threading.Lock()
@@ -126,11 +131,7 @@ def warmup():
 
 
 def _warm_every_kernel():
-    state = threads.handoff_state()
-    threads.post(state, threads._GO, threads._CALLER_CPU)
-    threads.spin_wait(state, threads._GO, 0, threads._WORKER_CPU, threads._CALLER_CPU)
-    threads.current_cpu()
-    threads._now()
+    threads.compile_handoffs()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 8, 9, 9)).astype(np.float32)
     for be in (NumbaBackend(threads=1, winograd_min_tiles=0, winograd_min_tiles_wide=0),

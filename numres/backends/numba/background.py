@@ -12,8 +12,8 @@ The first call after the child has finished loads the compiled kernels from the 
 runs on Numba, as every later one does.
 
 ``NUMRES_BACKGROUND_COMPILE=0`` compiles in the process at the first call instead;
-``numres warmup`` (or importing nothing but running it once while building an image) fills
-the cache ahead, and then none of this happens.
+``numres warmup`` (run while building an image, say) fills the cache ahead, and then none of
+this happens.
 """
 
 import contextlib
@@ -60,7 +60,7 @@ class _Compilation:
 
     def finished(self):
         """Whether the child has ended (successfully or not); a failure is warned once. In
-        a process forked from the one that started it, whether the kernels are cached."""
+        a process forked from the one that started it: whether the compile lock is free."""
         if os.getpid() != self.pid:
             # Not this process's child: over once it no longer holds the machine's lock
             # (then either the kernels are cached, or this process compiles them).

@@ -95,7 +95,7 @@ class _Worker:
                 self._go.acquire()
             state[_GO] = _WAITING
             job = self._job
-            # None or a job already run: a wake-up (Executor.wake), or a post that arrived
+            # None or a job already run: a wake-up (Executor.placed), or a post that arrived
             # after this thread had already taken its job.
             if job is None or job[0] == last:
                 continue
@@ -338,6 +338,13 @@ if hasattr(os, "register_at_fork"):
 COUNTER_STRIDE = 8
 
 
+def _element(context, builder, signature, args):
+    """The address of ``array[slot]`` for an intrinsic whose first two arguments are an
+    int64 array and an index."""
+    array = context.make_array(signature.args[0])(context, builder, args[0])
+    return builder.gep(array.data, [args[1]])
+
+
 # -- waiting by spinning -------------------------------------------------------------------
 # A hand-off word's states: the waiter spins while WAITING, has gone to block on a lock once
 # SLEEPING (so the poster must release it), and POSTED is the news it waits for.
@@ -357,8 +364,7 @@ def _exchange(typingctx, state, slot, value):
     sig = types.int64(state, types.intp, types.int64)
 
     def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        where = builder.gep(array.data, [args[1]])
+        where = _element(context, builder, signature, args)
         return builder.atomic_rmw("xchg", where, args[2], "seq_cst")
     return sig, codegen
 
@@ -369,8 +375,7 @@ def _compare_exchange(typingctx, state, slot, expected, value):
     sig = types.int64(state, types.intp, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        where = builder.gep(array.data, [args[1]])
+        where = _element(context, builder, signature, args)
         pair = builder.cmpxchg(where, args[2], args[3], "seq_cst", "seq_cst")
         return builder.extract_value(pair, 0)
     return sig, codegen
@@ -383,9 +388,7 @@ def _load(typingctx, state, slot):
     sig = types.int64(state, types.intp)
 
     def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        where = builder.gep(array.data, [args[1]])
-        return builder.load_atomic(where, "acquire", 8)
+        return builder.load_atomic(_element(context, builder, signature, args), "acquire", 8)
     return sig, codegen
 
 
@@ -393,9 +396,9 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _LINUX = sys.platform.startswith("linux")
 
 
-def _libc_call(name, ret):
-    """An intrinsic calling the C library's ``name()`` (found by name when the code is
-    linked) on Linux; elsewhere it returns -1 (0 for void) without calling anything."""
+def _libc_call(name):
+    """An intrinsic calling the C library's ``int name(void)`` (found by name when the
+    code is linked) on Linux; elsewhere it returns -1 without calling anything."""
     @intrinsic
     def call(typingctx):
         sig = types.int64()
@@ -414,8 +417,8 @@ def _libc_call(name, ret):
 # A thread that spins lets any other thread on its CPU run between checks; and it stops
 # spinning when the thread it waits for is on its CPU (the other can only progress if it
 # blocks, and waking a blocked thread lets the scheduler move it to an idle CPU).
-_yield_cpu = _libc_call("sched_yield", 32)
-_cpu = _libc_call("sched_getcpu", 32)
+_yield_cpu = _libc_call("sched_yield")
+_cpu = _libc_call("sched_getcpu")
 
 
 @intrinsic
@@ -438,8 +441,9 @@ def _ticks(typingctx):
 
 
 def handoff_state():
-    """The words two threads hand work over with (``_GO``, ``_DONE``) and where each last
-    ran (``_CALLER_CPU``, ``_WORKER_CPU``; -1: not yet known)."""
+    """The words two threads hand work over with (``_GO``, ``_DONE``), where each last
+    ran (``_CALLER_CPU``, ``_WORKER_CPU``; -1: not yet known) and the number of the last job
+    the worker finished (``_FINISHED``)."""
     state = np.zeros(5 * COUNTER_STRIDE, np.int64)
     state[_CALLER_CPU] = state[_WORKER_CPU] = -1
     return state
@@ -485,6 +489,15 @@ def _now():
     return _ticks()
 
 
+def compile_handoffs():
+    """Compile (or load from cache) this module's hand-off kernels (``warmup``)."""
+    state = handoff_state()
+    post(state, _GO, _CALLER_CPU)
+    spin_wait(state, _GO, 0, _WORKER_CPU, _CALLER_CPU)
+    current_cpu()
+    _now()
+
+
 _spin_rate = []
 
 
@@ -511,8 +524,7 @@ def _claim(typingctx, counters, slot):
     sig = types.int64(counters, types.intp)
 
     def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        where = builder.gep(array.data, [args[1]])
+        where = _element(context, builder, signature, args)
         return builder.atomic_rmw("add", where, ir.Constant(ir.IntType(64), 1), "monotonic")
     return sig, codegen
 
