@@ -1,5 +1,5 @@
 """Latency as a service meets it: calls after idle gaps, and a stream of requests with random
-gaps, numres beside torch and ONNX Runtime, batch 1.
+gaps, numres beside torch and ONNX Runtime, batch 1 (``--batch``).
 
 Each contender runs in a process of its own, as a service hosts one runtime (idle threads of
 the others, in the same process, made numres's calls after a gap 10-20% slower);
@@ -84,6 +84,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet50")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--gaps", default="0.25,2")
     p.add_argument("--trials", type=int, default=12, help="calls per gap and contender")
     p.add_argument("--requests", type=int, default=300, help="requests per stream")
@@ -106,8 +107,8 @@ def main(argv=None):
         for arch in args.models.split(","):
             ckpt = os.path.join(tmp, f"{arch}.pth")
             _write_checkpoint(arch, ckpt, torch_mods)
-            x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)) \
-                .astype(np.float32)
+            x = np.random.default_rng(0).standard_normal(
+                (args.batch, 3, args.size, args.size)).astype(np.float32)
             if args.same_process:
                 contenders = numres_variants(arch, ckpt, x)
                 others, notes = reference_contenders(arch, ckpt, torch_mods, tmp, x)
@@ -119,6 +120,7 @@ def main(argv=None):
                     out = subprocess.run(
                         [sys.executable, os.path.abspath(__file__), "--child", name, ckpt,
                          "--models", arch, "--size", str(args.size), "--gaps", args.gaps,
+                         "--batch", str(args.batch),
                          "--trials", str(args.trials), "--requests", str(args.requests)],
                         capture_output=True, text=True)
                     if out.returncode != 0:
@@ -134,7 +136,7 @@ def child(args):
     """One contender in this process: its rows as JSON on the last line."""
     name, ckpt = args.child
     arch = args.models
-    x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)) \
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)) \
         .astype(np.float32)
     if name.startswith("numres"):
         contenders = numres_variants(arch, ckpt, x, (name,))
@@ -180,7 +182,7 @@ def measure(contenders, gaps, args):
 
 def report(arch, rows, gaps, args, notes):
     where = "one process" if args.same_process else "a process each"
-    print(f"\n## {arch}, batch 1, {args.size}x{args.size}: latency (medians of "
+    print(f"\n## {arch}, batch {args.batch}, {args.size}x{args.size}: latency (medians of "
           f"{args.trials}; a stream of {args.requests} requests at half load; {where})\n")
     gap_cols = " | ".join(f"after {g:g} s (x back to back)" for g in gaps)
     print(f"| contender | back to back | {gap_cols} | stream p50 | stream p99 | p99 / p50 |")
