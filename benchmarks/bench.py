@@ -3,6 +3,8 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench.py \\
         --models resnet18,resnet50 --batches 1,8,32 --sizes 224,320 --json results.json
 
+``--backends numba,numba-bf16`` adds numres in bfloat16 (``precision="bfloat16"``).
+
 Every contender runs the same weights (a random torchvision state dict saved with torch.save
 and read by numres from that file) on the same input. Per configuration, contenders are timed
 in turn, round after round, after warm-up; medians are reported, so a noisy neighbour slows
@@ -130,23 +132,24 @@ def main(argv=None):
 
 
 def print_summary(results):
-    """One table of every configuration: the first numres backend beside torch's best and
-    ONNX Runtime (README's table)."""
+    """One table of every configuration: each numres backend beside torch's best and ONNX
+    Runtime (README's table)."""
     print("\n## Summary (medians, this run)\n")
-    print("| model | batch | size | numres ms | torch best ms | ORT ms | numres / torch "
-          "| numres / ORT |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | batch | size | numres | numres ms | torch best ms | ORT ms "
+          "| numres / torch | numres / ORT |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         rows = {row["contender"]: row for row in r["rows"]}
-        ours = next((row for name, row in rows.items() if name.startswith("numres-")), None)
-        if ours is None:
-            continue
         torch_ms = min((rows[k]["ms"] for k in ("torch-nchw", "torch-cl") if k in rows),
                        default=None)
         ort_ms = rows["onnxruntime"]["ms"] if "onnxruntime" in rows else None
-        print(f"| {r['model']} | {r['batch']} | {r['size']} | {ours['ms']:.1f} | "
-              f"{bench.fmt(torch_ms, '.1f')} | {bench.fmt(ort_ms, '.1f')} | "
-              f"{bench.fmt(ours['vs_torch'], '.2f')} | {bench.fmt(ours['vs_ort'], '.2f')} |")
+        for name, ours in rows.items():
+            if not name.startswith("numres-"):
+                continue
+            print(f"| {r['model']} | {r['batch']} | {r['size']} | {name[7:]} | "
+                  f"{ours['ms']:.1f} | {bench.fmt(torch_ms, '.1f')} | "
+                  f"{bench.fmt(ort_ms, '.1f')} | {bench.fmt(ours['vs_torch'], '.2f')} | "
+                  f"{bench.fmt(ours['vs_ort'], '.2f')} |")
 
 
 def run_config(arch, batch, size, ckpt, torch_mods, backends, tmp, args, peak):
@@ -182,7 +185,7 @@ def run_config(arch, batch, size, ckpt, torch_mods, backends, tmp, args, peak):
         print(f"| {k} | {v} | | | | | | |")
     breakdown = []
     if args.layers and backends:
-        model = numres.build(arch, weights=ckpt, backend=backends[0])
+        model = numres.build(arch, weights=ckpt, backend=bench.backend_for(backends[0]))
         total, breakdown = bench.layer_breakdown(model, x, args.layers)
         bench.print_layers(backends[0], total, breakdown)
     return {"model": arch, "batch": batch, "size": size, "gflop_per_image": gflop / batch,

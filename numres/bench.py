@@ -75,11 +75,24 @@ class Contender:
         self.times = []
 
 
+#: Backend names with options the benchmarks accept (``--backends numba,numba-bf16``).
+VARIANTS = {"numba-bf16": ("numba", {"precision": "bfloat16"})}
+
+
+def backend_for(spec):
+    """The backend a benchmark's ``--backends`` entry names: a backend's name, or one of
+    :data:`VARIANTS` (a backend with options)."""
+    from .backends import get_backend
+    name, options = VARIANTS.get(spec, (spec, {}))
+    return get_backend(name, **options)
+
+
 def numres_contenders(arch, ckpt, backends, x):
-    """A :class:`Contender` per backend: ``arch`` with the weights in ``ckpt`` on ``x``."""
+    """A :class:`Contender` per backend (a ``--backends`` entry: :func:`backend_for`):
+    ``arch`` with the weights in ``ckpt`` on ``x``."""
     out = []
     for backend in backends:
-        model = numres.build(arch, weights=ckpt, backend=backend)
+        model = numres.build(arch, weights=ckpt, backend=backend_for(backend))
         if model.backend.stand_in() is not None:
             # A fresh machine: time the compiled kernels, not NumPy standing in for them.
             print(f"(waiting for the {backend} kernels to compile in the background)")
@@ -161,7 +174,7 @@ def memory_child(args):
     x = np.random.default_rng(0).standard_normal(
         (int(batch), 3, int(size), int(size))).astype(np.float32)
     base = peak_rss_mib()
-    model = numres.build(arch, weights=ckpt, backend=name.split("-", 1)[1])
+    model = numres.build(arch, weights=ckpt, backend=backend_for(name.split("-", 1)[1]))
     for _ in range(2):
         model(x)
     peak = peak_rss_mib()
@@ -278,7 +291,7 @@ def _run_config(arch, batch, size, ckpt, backends, args, peak):
               f"{row['peak_fraction']:.0%} | {fmt(row['peak_rss_mib'], '.0f')} |")
     breakdown = []
     if args.layers and backends:
-        model = numres.build(arch, weights=ckpt, backend=backends[0])
+        model = numres.build(arch, weights=ckpt, backend=backend_for(backends[0]))
         total, breakdown = layer_breakdown(model, x, args.layers)
         print_layers(backends[0], total, breakdown)
     return {"model": arch, "batch": batch, "size": size, "gflop_per_image": gflop / batch,

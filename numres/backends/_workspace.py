@@ -119,13 +119,14 @@ class Workspace:
 _scratch = threading.local()
 
 
-def thread_scratch(slot, shape):
-    """This thread's private array ``slot`` of ``shape`` float32, for data that lives only
-    within one kernel call (a thread's im2col block, its GEMM tile): no pool search, just a
-    buffer per thread that grows to the largest request and is reused."""
+def thread_scratch(slot, shape, dtype=np.float32):
+    """This thread's private array ``slot`` of ``shape`` float32 (or another 4-byte
+    ``dtype``), for data that lives only within one kernel call (a thread's im2col block,
+    its GEMM tile): no pool search, just a buffer per thread that grows to the largest
+    request and is reused."""
     size = math.prod(shape)
     buf = getattr(_scratch, slot, None)
     if buf is None or buf.size < size:
         buf = aligned_empty((size,))
         setattr(_scratch, slot, buf)
-    return buf[:size].reshape(shape)
+    return buf[:size].view(dtype).reshape(shape)

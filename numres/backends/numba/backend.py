@@ -29,8 +29,10 @@ import numpy as np
 from .._base import (Backend, batch_norm_affine, compose_conv_pool, conv_output_size,
                      default_threads, nbytes, workspace_free_sizes)
 from .._workspace import Workspace
-from . import background, gemm, kernels, replay, threads
+from ...errors import BackendUnavailable
+from . import background, gemm, kernels, pairs, replay, threads
 from .paths import RUNNERS, ConvPath, choose_path, prepare
+from .tile import AVAILABLE
 from .threads import shared
 from .tuning import Tuning
 
@@ -153,6 +155,20 @@ def _warm_every_kernel():
         be.batch_norm(act, be.prepare_batch_norm(ones, ones, ones, ones, 1e-5), relu=True,
                       residual=act)
         be.max_pool2d(act, 3, 2, 1)
+    if AVAILABLE and pairs.supported():
+        _warm_pairs(rng)
+
+
+def _warm_pairs(rng):
+    """The bf16 kernels (``precision="bfloat16"``): GEMM on the input as it lies and
+    gathered, direct on the padded input and on the input itself."""
+    be = NumbaBackend(threads=1, precision="bfloat16")
+    for size, k, s, p in ((9, 1, 1, 0), (9, 3, 1, 1), (28, 3, 2, 1), (28, 1, 2, 0)):
+        act = be.from_nchw(rng.standard_normal((1, 16, size, size)).astype(np.float32))
+        conv = be.prepare_conv(rng.standard_normal((16, 16, k, k)).astype(np.float32), None,
+                               s, p, 1)
+        out = be.conv2d(act, conv, relu=True)
+        be.conv2d(act, conv, relu=False, residual=out if s == 1 else None)
 
 
 class NumbaBackend(Backend):
@@ -163,16 +179,37 @@ class NumbaBackend(Backend):
         winograd: allow Winograd for stride-1 3x3 convolutions (``NUMRES_WINOGRAD=0`` too).
         replay: record the first pass per input shape and replay it later (``replay.py``;
             ``NUMRES_REPLAY=0`` too).
+        precision: ``"float32"`` (default), or ``"bfloat16"``: convolutions multiply in
+            bf16 with float32 sums (``pairs.py``) on CPUs with AVX512_BF16: about twice the
+            multiply rate, outputs no longer within float32 rounding of torch's. Applies to
+            the ungrouped convolutions other than the stem (those then never use Winograd);
+            grouped ones, the stem and the classifier stay float32, and so do activations.
         **tuning: overrides of :class:`~.tuning.Tuning` fields.
 
     Raises:
-        ValueError: ``NUMRES_NUM_THREADS``/``OMP_NUM_THREADS`` is not an integer.
+        ValueError: ``NUMRES_NUM_THREADS``/``OMP_NUM_THREADS`` is not an integer, or an
+            unknown ``precision``.
+        BackendUnavailable: ``precision="bfloat16"`` on a CPU without AVX512_BF16.
         TypeError: an unknown tuning field.
+
+    Example:
+        >>> be = NumbaBackend(precision="bfloat16")          # doctest: +SKIP
+        >>> model = numres.resnet50(pretrained=True, backend=be)   # doctest: +SKIP
     """
 
     name = "numba"
+    #: The values of ``precision``.
+    PRECISIONS = ("float32", "bfloat16")
 
-    def __init__(self, threads=None, winograd=True, replay=True, **tuning):
+    def __init__(self, threads=None, winograd=True, replay=True, precision="float32",
+                 **tuning):
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {precision!r}")
+        if precision == "bfloat16" and not (AVAILABLE and pairs.supported()):
+            raise BackendUnavailable(
+                "precision='bfloat16' needs a CPU with AVX512_BF16 (vdpbf16ps); this one has "
+                "none: use precision='float32'")
+        self.precision = precision
         self.tuning = Tuning(**tuning)
         self.replay = replay and os.environ.get("NUMRES_REPLAY", "1") != "0"
         self._recording = threading.local()
@@ -223,7 +260,8 @@ class NumbaBackend(Backend):
 
     # -- weights ---------------------------------------------------------------------------
     def prepare_conv(self, weight, bias, stride, padding, groups):
-        return prepare(weight, bias, stride, padding, groups, self.tuning, self.winograd)
+        return prepare(weight, bias, stride, padding, groups, self.tuning, self.winograd,
+                       bf16=self.precision == "bfloat16")
 
     def prepare_batch_norm(self, mean, var, weight, bias, eps):
         scale, shift = batch_norm_affine(mean, var, weight, bias, eps)

@@ -10,7 +10,7 @@ see ``paths.choose_path``.
 
 from .._base import nbytes
 from .._workspace import thread_scratch
-from . import padding
+from . import padding, pairs
 from .kernels import epilogue_block, kernel
 from .microkernel import Finish, Out, Panel, Prefetch, Rows, data_ptr, make_microkernel, plain
 from .threads import next_block, work_counters
@@ -123,8 +123,10 @@ def blocking(rows, tiles, weight_bytes, panels, threads, tuning):
 
 def run(be, x, conv, epi, y):
     """Run a convolution on this path (see ``paths.RUNNERS``)."""
-    out_w = y.shape[2]
-    xp = x if reads_unpadded(conv, out_w) else padding.padded(be, x, conv, MR)
+    if not reads_unpadded(conv, y.shape[2]):
+        xp = padding.padded(be, x, conv, MR)
+    else:
+        xp = pairs.converted(be, x) if conv.pairs else x
     be.step(multiply, be.executor, be.tuning, xp, conv, epi, y)
 
 
@@ -146,11 +148,15 @@ def multiply(ex, tuning, xp, conv, epi, y):
 
 
 def events(conv, x, y, threads, tuning):
-    """The padded input (unless read in place) and each thread's ragged-tile scratch."""
+    """The padded input (unless read in place: then, with bf16 pairs, the converted input)
+    and each thread's ragged-tile scratch."""
     n, oh, ow, _ = y
     panels = conv.weight.shape[0]
     tiles = -(-ow // MR)
     _, rb = blocking(n * oh, tiles, conv.weight.nbytes, panels, threads, tuning)
-    padded = [] if reads_unpadded(conv, ow) else padding.events(x, conv, MR)
-    return padded + [("scratch", "gemm_c", threads * nbytes((rb * tiles * MR, panels * NR)))] \
-        + [("free", "padded")] * bool(padded)
+    if not reads_unpadded(conv, ow):
+        copy, name = padding.events(x, conv, MR), "padded"
+    else:
+        copy, name = (pairs.events(x) if conv.pairs else []), "pairs"
+    return copy + [("scratch", "gemm_c", threads * nbytes((rb * tiles * MR, panels * NR)))] \
+        + [("free", name)] * bool(copy)

@@ -11,6 +11,7 @@ read once. :func:`gemm_block` is also the engine of the Winograd path's 36 GEMMs
 
 from .._base import nbytes
 from .._workspace import aligned_empty, thread_scratch
+from . import pairs
 from .kernels import epilogue_block, kernel
 from .microkernel import Finish, Out, Panel, Prefetch, Rows, data_ptr, make_microkernel, plain
 from .threads import next_block, work_counters
@@ -26,15 +27,18 @@ _half_or_main = make_microkernel(TILE.vl, NR, (MR, MR_HALF), TILE.line)
 
 def pack_weights(w, out=None):
     """(K, N) weights -> (ceil(N / NR), K, NR) column panels, zero-padded to whole panels
-    (into ``out`` if given)."""
+    (into ``out`` if given); float32, or uint32 bf16 pairs (``pairs.pack``)."""
     k, n = w.shape
     panels = -(-n // NR)
-    packed = aligned_empty((panels, k, NR)) if out is None else out   # rows: cache lines
+    if out is None:
+        packed = aligned_empty((panels, k, NR), w.dtype)    # rows: cache lines
+    else:
+        packed = out
     whole = n // NR
     # (K, whole*NR) -> (whole, K, NR)
     packed[:whole] = w[:, :whole * NR].reshape(k, whole, NR).transpose(1, 0, 2)
     if whole < panels:
-        packed[whole] = 0.0
+        packed[whole] = 0
         packed[whole, :, :n - whole * NR] = w[:, whole * NR:]
     return packed
 
@@ -171,20 +175,20 @@ def gather(x, k, stride, pad, out_h, out_w, m0, m1, a):
             iy = oy * stride - pad + ky
             d = ky * kc
             if iy < 0 or iy >= h or lo >= hi:
-                dst[d:d + kc] = 0.0
+                dst[d:d + kc] = 0
                 continue
             src = ((n * h + iy) * w + ix0) * c
             if c < 16:     # the 3-channel stem: element copies beat short slice copies
                 for j in range(lo):
-                    dst[d + j] = 0.0
+                    dst[d + j] = 0
                 for j in range(lo, hi):
                     dst[d + j] = xf[src + j]
                 for j in range(hi, kc):
-                    dst[d + j] = 0.0
+                    dst[d + j] = 0
             else:
-                dst[d:d + lo] = 0.0
+                dst[d:d + lo] = 0
                 dst[d + lo:d + hi] = xf[src + lo:src + hi]
-                dst[d + hi:d + kc] = 0.0
+                dst[d + hi:d + kc] = 0
 
 
 @kernel
@@ -196,7 +200,8 @@ def conv_pixels(counters, part, parts, by_panels, mc, x, window, direct, bp, epi
     layers at small batches), single panels for all pixels, gathered once (``mc`` >= the
     pixels). ``window`` is ``(k, stride, pad, out_h, out_w)``; ``direct``: the activation is
     the GEMM input as it lies (1x1, stride 1), so only a ragged end is copied. ``a`` (mc, K)
-    and ``c`` (mc, panels*NR) are this thread's scratch; ``y2`` is the (M, O) output.
+    and ``c`` (mc, panels*NR) are this thread's scratch; ``y2`` is the (M, O) output. With
+    bf16 pairs (``x``, ``a`` and ``bp`` uint32), K and channels count pairs.
     """
     k, stride, pad, out_h, out_w = window
     m0, m1, p0, p1, n_out = 0, y2.shape[0], 0, bp.shape[0], y2.shape[1]
@@ -220,7 +225,7 @@ def conv_pixels(counters, part, parts, by_panels, mc, x, window, direct, bp, epi
                     a[:rows] = x2[b0:b1]
                 else:
                     gather(x, k, stride, pad, out_h, out_w, b0, b1, a)
-                a[rows:padded] = 0.0
+                a[rows:padded] = 0
         started = True
         if by_panels:
             # Prefetch toward the end of this thread's own share of panels.
@@ -257,6 +262,8 @@ def blocking(m, panels, threads, tuning):
 
 def run(be, x, conv, epi, y):
     """Run a convolution on this path (see ``paths.RUNNERS``)."""
+    if conv.pairs:
+        x = pairs.converted(be, x)
     be.step(multiply, be.executor, be.tuning, x, conv, epi, y)
 
 
@@ -272,7 +279,7 @@ def multiply(ex, tuning, x, conv, epi, y):
     counters = work_counters(ex.threads)
 
     def work(part, parts):
-        a = thread_scratch("gemm_a", (mc, k_dim))
+        a = thread_scratch("gemm_a", (mc, k_dim), conv.weight.dtype)
         c = thread_scratch("gemm_c", (mc, panels * NR))
         conv_pixels(counters, part, parts, by_panels, mc, x, window, direct, conv.weight,
                     epi, y2, a, c)
@@ -280,10 +287,12 @@ def multiply(ex, tuning, x, conv, epi, y):
 
 
 def events(conv, x, y, threads, tuning):
-    """The memory this path takes beyond its output (``Backend.memory_events``): each
-    thread's gathered block and its tile scratch."""
+    """The memory this path takes beyond its output (``Backend.memory_events``): the input
+    as bf16 pairs (``conv.pairs``), each thread's gathered block and its tile scratch."""
     n, oh, ow, _ = y
     panels, k_dim = conv.weight.shape[:2]
     _, mc = blocking(n * oh * ow, panels, threads, tuning)
-    return [("scratch", "gemm_a", threads * nbytes((mc, k_dim))),
-            ("scratch", "gemm_c", threads * nbytes((mc, panels * NR)))]
+    converted = pairs.events(x) if conv.pairs else []
+    return converted + [("scratch", "gemm_a", threads * nbytes((mc, k_dim))),
+                        ("scratch", "gemm_c", threads * nbytes((mc, panels * NR)))] \
+        + [("free", "pairs")] * bool(converted)

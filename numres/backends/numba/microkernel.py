@@ -1,6 +1,12 @@
 """The GEMM microkernel, written in LLVM IR through Numba intrinsics (Numba has no vector
 types; LLVM turns the ``<vl x float>`` operations into AVX-512 or AVX2 instructions).
 
+Operands are float32, or bfloat16 pairs (``precision="bfloat16"``, ``pairs.py``): where A and
+B are uint32 arrays, each element holds two bf16 values adjacent along the reduction, and a
+step multiplies pairs with AVX512_BF16's ``vdpbf16ps`` (two products per lane added to a
+float32 sum: twice the multiply-adds of an FMA per instruction). The kernel picks the body
+from its operands' types, so the GEMM and direct kernels serve both.
+
 :func:`make_microkernel` builds the kernel for one tile width (``tile.py``): it computes an
 ``mr x nr`` block of ``C = A @ B`` in vector registers, where A is read where it lies
 (row-major, any row stride: an activation, an im2col block, a padded image) and B is a
@@ -42,9 +48,12 @@ Prefetch = namedtuple("Prefetch", "offset step")
 Prefetch.__doc__ = """Each reduction step q also prefetches two cache lines of B at ``offset +
 q * step``: the weights the caller multiplies next (``gemm.next_chunk``)."""
 
+_FLOATS = types.CPointer(types.float32)
+#: Pointers to bf16 pairs (``pairs.py``): A and B of the bf16 body.
+PAIRS = types.CPointer(types.uint32)
 _FIELD_TYPES = {
-    "a": (types.CPointer(types.float32), types.intp, types.intp, types.intp),
-    "b": (types.CPointer(types.float32), types.intp),
+    "a": (_FLOATS, types.intp, types.intp, types.intp),
+    "b": (_FLOATS, types.intp),
     "c": (types.CPointer(types.float32), types.intp, types.intp, types.boolean),
     "finish": (types.boolean, types.CPointer(types.float32), types.intp,
                types.CPointer(types.float32), types.intp, types.intp, types.boolean,
@@ -55,8 +64,8 @@ _FIELD_TYPES = {
 
 @intrinsic
 def data_ptr(typingctx, arr):
-    """The float32 data pointer of an array."""
-    sig = types.CPointer(types.float32)(arr)
+    """The data pointer of a float32 array, or of a uint32 array of bf16 pairs."""
+    sig = types.CPointer(arr.dtype)(arr)
 
     def codegen(context, builder, signature, args):
         return context.make_array(signature.args[0])(context, builder, args[0]).data
@@ -77,6 +86,8 @@ def record_values(context, builder, tuple_type, value, name):
     if not isinstance(tuple_type, types.BaseTuple) or len(tuple_type) != len(wanted):
         raise TypeError(f"microkernel argument {name!r}: expected {len(wanted)} fields, "
                         f"got {tuple_type}")
+    if name in ("a", "b") and tuple_type.types[0] == PAIRS:
+        wanted = (PAIRS,) + wanted[1:]
     values = cgutils.unpack_tuple(builder, value, len(wanted))
     return [context.cast(builder, v, have, want)
             for v, have, want in zip(values, tuple_type.types, wanted)]
@@ -153,7 +164,9 @@ def make_microkernel(vl, nr, heights, line=16):
     for ``i < mr``, ``j < nr``, operands as :class:`Rows`, :class:`Panel`, :class:`Out`,
     then :class:`Finish` and :class:`Prefetch`. ``rounds`` > 1 walks A in several runs of
     ``kc`` (a direct convolution's kernel rows) while the accumulators stay in registers; a
-    plain GEMM block is ``rounds = 1``.
+    plain GEMM block is ``rounds = 1``. With A and B pointers to bf16 pairs (:data:`PAIRS`;
+    both or neither), offsets, strides and ``kc`` count pairs, and ``A[r, i, p] * B[..., j]``
+    is the sum of a pair's two products; C stays float32.
     """
     heights = tuple(dict.fromkeys(heights))        # distinct, in order
 
@@ -165,19 +178,53 @@ def make_microkernel(vl, nr, heights, line=16):
             mr, kc, rounds = args[:3]
             fields = [record_values(context, builder, t, v, name) for t, v, name in
                       zip(signature.args[3:], args[3:], ("a", "b", "c", "finish", "prefetch"))]
+            pairs = signature.args[3].types[0] == PAIRS
+            if pairs != (signature.args[4].types[0] == PAIRS):
+                raise TypeError("microkernel: A and B must both be float32 or both bf16 pairs")
             if len(heights) == 1:
-                _body(builder, vl, heights[0], nr, line, kc, rounds, *fields)
+                _body(builder, vl, heights[0], nr, line, kc, rounds, *fields, pairs=pairs)
                 return context.get_dummy_value()
             for height in heights:
                 is_height = builder.icmp_signed("==", mr, ir.Constant(ir.IntType(64), height))
                 with builder.if_then(is_height):
-                    _body(builder, vl, height, nr, line, kc, rounds, *fields)
+                    _body(builder, vl, height, nr, line, kc, rounds, *fields, pairs=pairs)
             return context.get_dummy_value()
         return sig, codegen
     return microkernel
 
 
-def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch):
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite has no such type): the element type the AVX512_BF16
+    intrinsics are declared with. Pairs are bitcast to vectors of it at each call."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+def _multiply_add(builder, vl, pairs):
+    """``f(a, b, acc)``: ``acc + a * b`` on float32 vectors (an FMA), or with ``pairs`` on
+    ``<vl x i32>`` vectors of bf16 pairs, each lane adding both products (``vdpbf16ps``)."""
+    vec = ir.VectorType(ir.FloatType(), vl)
+    if not pairs:
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vl}f32")
+        return lambda a, b, acc: builder.call(fma, [a, b, acc])
+    bvec = ir.VectorType(_BFloat(), 2 * vl)
+    bits = {16: 512, 8: 256}[vl]
+    dot = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vec, [vec, bvec, bvec]),
+        f"llvm.x86.avx512bf16.dpbf16ps.{bits}")
+    return lambda a, b, acc: builder.call(
+        dot, [acc, builder.bitcast(a, bvec), builder.bitcast(b, bvec)])
+
+
+def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch, pairs=False):
     """The IR of one tile height (see :func:`make_microkernel`)."""
     a, a_off, lda, a_step = a
     b, b_off = b
@@ -188,8 +235,9 @@ def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch):
     i64 = ir.IntType(64)
     vec = ir.VectorType(ir.FloatType(), vl)
     vptr = vec.as_pointer()
-    fma = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vl}f32")
+    # What A and B hold: float32 lanes, or bf16 pairs as 32-bit lanes.
+    operand = ir.VectorType(ir.IntType(32), vl) if pairs else vec
+    multiply_add = _multiply_add(builder, vl, pairs)
     i8ptr = ir.IntType(8).as_pointer()
     prefetch_fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8ptr] + [ir.IntType(32)] * 3),
@@ -219,8 +267,8 @@ def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch):
     def step(run, r, p, acc):
         a_rows, b_run = run
         b_row = builder.gep(b_run, [builder.mul(p, const(nr))])
-        bv = [builder.load(builder.bitcast(builder.gep(b_row, [const(vl * v)]), vptr),
-                           align=4) for v in range(nv)]
+        bv = [builder.load(builder.bitcast(builder.gep(b_row, [const(vl * v)]),
+                                           operand.as_pointer()), align=4) for v in range(nv)]
         q = builder.add(builder.mul(r, kc), p)
         pf_row = builder.gep(pf, [builder.mul(q, pf_step)])
         for ahead_line in range(2):
@@ -245,10 +293,10 @@ def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch):
         for i in range(mr):
             s = builder.load(builder.gep(a_rows[i], [p]), align=4)
             sv = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(vec, ir.Undefined), s, i32(0)),
-                ir.Constant(vec, ir.Undefined), splat)
+                builder.insert_element(ir.Constant(operand, ir.Undefined), s, i32(0)),
+                ir.Constant(operand, ir.Undefined), splat)
             for v in range(nv):
-                new.append(builder.call(fma, [sv, bv[v], acc[i * nv + v]]))
+                new.append(multiply_add(sv, bv[v], acc[i * nv + v]))
         return new
 
     results = register_loop(builder, vec, kc, rounds, mr * nv, start_run, step)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._base import conv_output_size, conv_weight_matrix
-from . import blas, direct, gemm, grouped, stem, winograd
+from . import blas, direct, gemm, grouped, pairs, stem, winograd
 from .tile import AVAILABLE, TILE
 
 
@@ -73,18 +73,29 @@ class Conv:
     winograd: np.ndarray = field(default=None, repr=False)  # transformed, made on first use
 
     @property
+    def pairs(self):
+        """Whether the weights are bf16 pairs (``pairs.py``): the input is converted too."""
+        return self.weight.dtype == np.uint32
+
+    @property
     def own_kernels(self):
         """Whether the weights are packed for numres's kernels (else for BLAS)."""
         return self.layout is not Layout.MATRIX and self.layout is not Layout.GROUPED_MATRIX
 
 
-def prepare(weight, bias, stride, padding, groups, tuning, winograd_allowed=True):
+def prepare(weight, bias, stride, padding, groups, tuning, winograd_allowed=True,
+            bf16=False):
     """Lay out (O, C/groups, k, k) float32 ``weight`` and optional ``bias`` once.
 
     Grouped convolutions get the layout of their one path: ``LANES`` where the lanes kernel
     fits, ``GROUPED_PANELS`` up to ``tuning.grouped_direct_max_width`` outputs per group, else
     ``GROUPED_MATRIX``. Ungrouped ones get ``PANELS`` where numres's kernels run (only the
-    panels are kept: the plain matrix would double the memory), else ``MATRIX``.
+    panels are kept: the plain matrix would double the memory), else ``MATRIX``. With
+    ``bf16`` (``precision="bfloat16"``), ungrouped ``PANELS`` are bf16 pairs (``pairs.py``)
+    where the input has an even number of channels, at least ``tuning.direct_max_channels``
+    (not the stem: its 3 channels); those never take Winograd (its float32 filters): on
+    ResNet-18/50 and ResNeXt-50, batch 1 and 8, a stride-1 3x3 ran as fast or faster as a
+    bf16 direct convolution than as float32 Winograd (``benchmarks/results/bf16-2core.md``).
     """
     o, _, k, _ = weight.shape
     bias = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32)
@@ -101,6 +112,9 @@ def prepare(weight, bias, stride, padding, groups, tuning, winograd_allowed=True
                     np.ascontiguousarray(conv_weight_matrix(weight, groups)), *geometry)
     matrix = np.ascontiguousarray(conv_weight_matrix(weight))      # (kh*kw*C, O)
     winograd_capable = (k, stride, padding) == (3, 1, 1) and winograd_allowed
+    c = weight.shape[1]
+    if own and bf16 and c % 2 == 0 and c >= tuning.direct_max_channels:
+        return Conv(Layout.PANELS, gemm.pack_weights(pairs.pack(matrix)), *geometry)
     if own:
         return Conv(Layout.PANELS, gemm.pack_weights(matrix), *geometry, winograd_capable)
     return Conv(Layout.MATRIX, matrix, *geometry, winograd_capable)
