@@ -53,6 +53,24 @@ def test_predict_json_matches_the_library(workspace):
                                    [p for _, p, _ in e], atol=1e-5)
 
 
+def test_precision_bfloat16(workspace):
+    """``--precision bfloat16`` runs the Numba backend in bf16: the same top classes here
+    (3 random classes, scores apart), and a clear error on another backend."""
+    args = ("predict", str(workspace / "imgs"), "--arch", "resnet18", "--weights",
+            str(workspace / "r18.pth"), "--json")
+    done = run(*args, "--backend", "numpy", "--precision", "bfloat16", check_rc=1)
+    one_line_error(done, "--precision bfloat16 is an option of the numba backend")
+    pytest.importorskip("numres.backends.numba", reason="Numba is not installed")
+    from numres.backends.numba import pairs, tile
+    if not (tile.AVAILABLE and pairs.supported()):
+        pytest.skip("this CPU has no AVX512_BF16 (vdpbf16ps)")
+    bf16 = json.loads(run(*args, "--backend", "numba", "--precision", "bfloat16").stdout)
+    fp32 = json.loads(run(*args, "--backend", "numba").stdout)
+    for a, b in zip(bf16, fp32):
+        assert a["top"][0]["label"] == b["top"][0]["label"]
+        assert abs(a["top"][0]["probability"] - b["top"][0]["probability"]) < 0.02
+
+
 def test_predict_text_and_globs(workspace):
     out = run("predict", str(workspace / "imgs" / "*.png"), "--arch", "resnet18",
               "--weights", str(workspace / "r18.pth"), "--backend", "numpy").stdout

@@ -87,4 +87,5 @@ CONV_CASES = [
     (2, 32, 28, 27, 40, 1, 2, 0, 1),   # strided 1x1, odd width
     (1, 64, 7, 7, 48, 3, 1, 1, 1),     # 49 pixels, partial panel
     (1, 256, 28, 28, 272, 3, 2, 1, 1),  # few tiles, 2.6 MB of weights
+    (1, 64, 9, 10, 64, 3, 2, 1, 4),    # 16 per group, strided
 ]

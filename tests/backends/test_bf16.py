@@ -14,7 +14,7 @@ from numres import BackendUnavailable
 from .conv_cases import CONV_CASES, case_id, reference_conv, run_conv
 
 numba = pytest.importorskip("numres.backends.numba", reason="Numba is not installed")
-from numres.backends.numba import pairs, tile  # noqa: E402
+from numres.backends.numba import grouped, pairs, tile  # noqa: E402
 from numres.backends.numba.paths import ConvPath  # noqa: E402
 
 needs_bf16 = pytest.mark.skipif(not (tile.AVAILABLE and pairs.supported()),
@@ -69,8 +69,14 @@ def test_a_cpu_without_bf16_is_told_so(monkeypatch):
 
 
 def _uses_pairs(case):
+    """Ungrouped convolutions of an even number (>= 16) of channels; grouped ones of an even
+    number per group on the per-group direct path (not the lanes kernel's 1-8)."""
     n, c, h, w, o, k, s, p, g = case
-    return g == 1 and c % 2 == 0 and c >= 16
+    if g == 1:
+        return c % 2 == 0 and c >= 16
+    lanes = grouped.lanes_fit((o, c // g, k, k), g)
+    return (c // g) % 2 == 0 and not lanes and o // g <= numba.tuning.Tuning(
+        ).grouped_direct_max_width
 
 
 @needs_bf16
@@ -78,7 +84,8 @@ def _uses_pairs(case):
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_each_convolution_is_exact_on_rounded_operands(rng, threads, case):
     """Paired convolutions equal the float64 convolution of the bf16-rounded operands to
-    float32 tolerance; the rest (the stem, odd channels, grouped) stay float32."""
+    float32 tolerance; the rest (the stem, odd channels, the lanes kernel's groups) stay
+    float32."""
     n, c, h, w, o, k, s, p, g = case
     be = numba.NumbaBackend(threads=threads, precision="bfloat16")
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
@@ -96,8 +103,8 @@ def test_each_convolution_is_exact_on_rounded_operands(rng, threads, case):
 
 @needs_bf16
 def test_the_cases_reach_every_paired_path():
-    """The cases above run bf16 on the GEMM (as it lies and gathered) and the direct path
-    (padded and in place)."""
+    """The cases above run bf16 on the GEMM (as it lies and gathered), the direct path
+    (padded and in place) and the grouped direct path."""
     be = numba.NumbaBackend(precision="bfloat16")
     seen = set()
     for case in CONV_CASES:
@@ -107,7 +114,8 @@ def test_the_cases_reach_every_paired_path():
             path = be.conv_path((n, h, w, c), conv)
             seen.add((path, k == 1 and s == 1, p == 0))
     assert {(ConvPath.GEMM, True, True), (ConvPath.GEMM, False, False),
-            (ConvPath.DIRECT, False, False), (ConvPath.DIRECT, False, True)} <= seen
+            (ConvPath.DIRECT, False, False), (ConvPath.DIRECT, False, True),
+            (ConvPath.GROUPED_DIRECT, False, False)} <= seen
 
 
 @needs_bf16

@@ -36,9 +36,12 @@ _MEASURE = textwrap.dedent("""
         return [int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")]
 
     backend, arch, shape, kind = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
-    if backend == "numba":
+    if backend.startswith("numba"):
         from numres.backends.numba import warmup
         warmup()          # kernels loaded: their code is not the pass's memory
+    if backend == "numba-bf16":
+        from numres.backends import get_backend
+        backend = get_backend("numba", precision="bfloat16")
     model = numres.build(arch, num_classes=10, backend=backend)
     model.memory_limit = "none"
     model._prepared()                    # weights prepared: excluded from the estimate
@@ -78,6 +81,22 @@ def test_estimate_is_an_upper_bound_of_the_measured_peak(backend, arch, shape, k
     estimate, measured = _measure(backend, arch, shape, kind)
     # Calibrated at 1.02-1.21x for peaks of 50 MiB and more (numres/models/memory.py);
     # small passes have the fixed 2 MiB margin on top.
+    assert measured <= estimate <= 1.6 * measured + memory.MARGIN_BYTES, \
+        f"estimate {estimate / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("arch, shape, kind", [
+    ("resnet18", [4, 3, 160, 160], "logits"),
+    ("resnext50_32x4d", [1, 3, 192, 192], "maps"),
+])
+def test_the_estimate_bounds_bfloat16_passes_too(arch, shape, kind):
+    """``precision="bfloat16"`` converts inputs to pairs and pads them as pairs: the
+    estimate counts those copies (half an input's bytes each)."""
+    pytest.importorskip("numres.backends.numba", reason="Numba is not installed")
+    from numres.backends.numba import pairs, tile
+    if not (tile.AVAILABLE and pairs.supported()):
+        pytest.skip("this CPU has no AVX512_BF16 (vdpbf16ps)")
+    estimate, measured = _measure("numba-bf16", arch, shape, kind)
     assert measured <= estimate <= 1.6 * measured + memory.MARGIN_BYTES, \
         f"estimate {estimate / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
 

@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 
 from .._base import nbytes
 from .._workspace import aligned_empty, thread_scratch
-from . import padding
+from . import padding, pairs
 from .kernels import kernel
 from .microkernel import (Finish, Out, Panel, Prefetch, Rows, data_ptr, make_microkernel,
                           plain, record_values, register_loop)
@@ -206,9 +206,10 @@ def lanes_events(conv, x, y, threads, tuning):
 
 
 # -- GROUPED_DIRECT ---------------------------------------------------------------------------
-def pack_grouped(w, groups):
+def pack_grouped(w, groups, bf16=False):
     """(O, Cin/G, k, k) grouped weights -> (G, panels, k*k*Cin/G, NR_G): per group, rows in
-    (ky, kx, ci) order and NR_G-wide column panels, zero-padded."""
+    (ky, kx, ci) order and NR_G-wide column panels, zero-padded; with ``bf16`` (an even
+    Cin/G), (G, panels, k*k*Cin/G / 2, NR_G) bf16 pairs of adjacent ci (``pairs.pack``)."""
     o, w_in, k, _ = w.shape
     w_out = o // groups
     panels = -(-w_out // NR_G)
@@ -216,8 +217,11 @@ def pack_grouped(w, groups):
     padded[:, :w_out] = w.reshape(groups, w_out, w_in, k, k)
     # (G, panel, NR_G, ci, ky, kx) -> (G, panel, ky, kx, ci, NR_G)
     blocks = padded.reshape(groups, panels, NR_G, w_in, k, k).transpose(0, 1, 4, 5, 3, 2)
-    packed = aligned_empty((groups, panels, k * k * w_in, NR_G))
-    packed[:] = blocks.reshape(groups, panels, k * k * w_in, NR_G)
+    rows = blocks.reshape(groups, panels, k * k * w_in, NR_G)
+    if bf16:
+        rows = pairs.pack(rows)
+    packed = aligned_empty(rows.shape, rows.dtype)
+    packed[:] = rows
     return packed
 
 
@@ -229,7 +233,8 @@ def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, 
     For kernel row ``ky``, the group's ``Cin/G`` channels of one pixel are contiguous and the
     next ``kx`` is ``C`` floats further: the microkernel walks them in ``k`` runs, and the
     ``k`` kernel rows accumulate in the output tile. ``bp`` from :func:`pack_grouped`; ``c``
-    (tiles * MR_G, NR_G) is this thread's scratch.
+    (tiles * MR_G, NR_G) is this thread's scratch. With bf16 pairs (``xp`` and ``bp``
+    uint32), channels count pairs.
     """
     bias, residual, has_residual, relu = epi
     _, hp, wp, ch = xp.shape

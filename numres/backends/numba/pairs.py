@@ -4,7 +4,8 @@ AVX512_BF16's ``vdpbf16ps`` multiplies two vectors of bf16 *pairs* and adds both
 of each lane to a float32 sum: twice the multiply-adds of a float32 FMA per instruction. So
 in bfloat16 mode the weights of a convolution are packed once as pairs adjacent along the
 reduction (:func:`pack`), and the activation it reads is converted to pairs of adjacent
-channels (:func:`to_pairs`, or while padding: ``padding.pad_input``). Sums, bias, residual
+channels (:func:`to_pairs`, or while padding: ``padding.pad_input``). A grouped convolution
+pairs channels within each group (groups of an even number of channels). Sums, bias, residual
 and ReLU stay float32, and so does every activation between layers: only the multiply
 rounds its operands, to bfloat16 (8 bits of mantissa, float32's range).
 
@@ -45,21 +46,23 @@ def widen(bits):
 
 
 def pack(matrix):
-    """(K, N) float32 weights -> (ceil(K / 2), N) uint32 pairs along K (an odd K gets a zero
-    last row): pair ``[p, j]`` holds rows ``2p`` (low half) and ``2p + 1`` (high half)."""
-    k, n = matrix.shape
-    bits = np.zeros((k + k % 2, n), np.uint32)
-    bits[:k] = round_bf16(matrix)
-    # (K, N) -> (K/2, 2, N): the two rows of each pair
-    two = bits.reshape(-1, 2, n)
-    return np.ascontiguousarray(two[:, 0] | (two[:, 1] << 16))
+    """(..., K, N) float32 weights -> (..., ceil(K / 2), N) uint32 pairs along K (an odd K
+    gets a zero last row): pair ``[..., p, j]`` holds rows ``2p`` (low half) and ``2p + 1``
+    (high half)."""
+    *lead, k, n = matrix.shape
+    bits = np.zeros((*lead, k + k % 2, n), np.uint32)
+    bits[..., :k, :] = round_bf16(matrix)
+    # (..., K, N) -> (..., K/2, 2, N): the two rows of each pair
+    two = bits.reshape(*lead, -1, 2, n)
+    return np.ascontiguousarray(two[..., 0, :] | (two[..., 1, :] << 16))
 
 
 def unpack(pairs, k):
-    """Inverse of :func:`pack` (values rounded to bf16): (K/2, N) -> (k, N) float32."""
-    # (K/2, N) -> (K/2, 2, N) -> (K, N)
-    two = np.stack([pairs & 0xFFFF, pairs >> 16], axis=1)
-    return widen(two.reshape(-1, pairs.shape[1])[:k])
+    """Inverse of :func:`pack` (values rounded to bf16): (..., K/2, N) -> (..., k, N)."""
+    *lead, half, n = pairs.shape
+    # (..., K/2, N) -> (..., K/2, 2, N) -> (..., K, N)
+    two = np.stack([pairs & 0xFFFF, pairs >> 16], axis=-2)
+    return widen(two.reshape(*lead, 2 * half, n)[..., :k, :])
 
 
 def store_row(dst, src):

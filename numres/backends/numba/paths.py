@@ -93,7 +93,8 @@ def prepare(weight, bias, stride, padding, groups, tuning, winograd_allowed=True
     panels are kept: the plain matrix would double the memory), else ``MATRIX``. With
     ``bf16`` (``precision="bfloat16"``), ungrouped ``PANELS`` are bf16 pairs (``pairs.py``)
     where the input has an even number of channels, at least ``tuning.direct_max_channels``
-    (not the stem: its 3 channels); those never take Winograd (its float32 filters): on
+    (not the stem: its 3 channels), and ``GROUPED_PANELS`` where a group has an even number
+    of channels; those never take Winograd (its float32 filters): on
     ResNet-18/50 and ResNeXt-50, batch 1 and 8, a stride-1 3x3 ran as fast or faster as a
     bf16 direct convolution than as float32 Winograd (``benchmarks/results/bf16-2core.md``).
     """
@@ -106,8 +107,9 @@ def prepare(weight, bias, stride, padding, groups, tuning, winograd_allowed=True
             return Conv(Layout.LANES, grouped.pack_lanes(np.asarray(weight, np.float32)),
                         *geometry)
         if own and o // groups <= tuning.grouped_direct_max_width:
-            return Conv(Layout.GROUPED_PANELS,
-                        grouped.pack_grouped(np.asarray(weight, np.float32), groups), *geometry)
+            paired = bf16 and weight.shape[1] % 2 == 0
+            return Conv(Layout.GROUPED_PANELS, grouped.pack_grouped(
+                np.asarray(weight, np.float32), groups, paired), *geometry)
         return Conv(Layout.GROUPED_MATRIX,
                     np.ascontiguousarray(conv_weight_matrix(weight, groups)), *geometry)
     matrix = np.ascontiguousarray(conv_weight_matrix(weight))      # (kh*kw*C, O)
