@@ -70,10 +70,13 @@ def test_a_cpu_without_bf16_is_told_so(monkeypatch):
 
 def _uses_pairs(case):
     """Ungrouped convolutions of an even number (>= 16) of channels; grouped ones of an even
-    number per group on the per-group direct path (not the lanes kernel's 1-8)."""
+    number per group: on the lanes kernel where its groups fill vectors of pairs, else on
+    the per-group direct path."""
     n, c, h, w, o, k, s, p, g = case
     if g == 1:
         return c % 2 == 0 and c >= 16
+    if grouped.lanes_fit((o, c // g, k, k), g, bf16=True):
+        return True
     lanes = grouped.lanes_fit((o, c // g, k, k), g)
     return (c // g) % 2 == 0 and not lanes and o // g <= numba.tuning.Tuning(
         ).grouped_direct_max_width
@@ -84,8 +87,7 @@ def _uses_pairs(case):
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_each_convolution_is_exact_on_rounded_operands(rng, threads, case):
     """Paired convolutions equal the float64 convolution of the bf16-rounded operands to
-    float32 tolerance; the rest (the stem, odd channels, the lanes kernel's groups) stay
-    float32."""
+    float32 tolerance; the rest (the stem, odd channels and groups) stay float32."""
     n, c, h, w, o, k, s, p, g = case
     be = numba.NumbaBackend(threads=threads, precision="bfloat16")
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
@@ -104,18 +106,19 @@ def test_each_convolution_is_exact_on_rounded_operands(rng, threads, case):
 @needs_bf16
 def test_the_cases_reach_every_paired_path():
     """The cases above run bf16 on the GEMM (as it lies and gathered), the direct path
-    (padded and in place) and the grouped direct path."""
+    (padded and in place), the grouped direct path and the lanes kernel."""
     be = numba.NumbaBackend(precision="bfloat16")
     seen = set()
     for case in CONV_CASES:
         n, c, h, w, o, k, s, p, g = case
         if _uses_pairs(case):
-            conv = be.prepare_conv(np.zeros((o, c, k, k), np.float32), None, s, p, g)
+            conv = be.prepare_conv(np.zeros((o, c // g, k, k), np.float32), None, s, p, g)
             path = be.conv_path((n, h, w, c), conv)
             seen.add((path, k == 1 and s == 1, p == 0))
     assert {(ConvPath.GEMM, True, True), (ConvPath.GEMM, False, False),
             (ConvPath.DIRECT, False, False), (ConvPath.DIRECT, False, True),
-            (ConvPath.GROUPED_DIRECT, False, False)} <= seen
+            (ConvPath.GROUPED_DIRECT, False, False), (ConvPath.GROUPED_LANES, False, False)} \
+        <= seen
 
 
 @needs_bf16

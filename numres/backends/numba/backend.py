@@ -161,10 +161,11 @@ def _warm_every_kernel():
 
 def _warm_pairs(rng):
     """The bf16 kernels (``precision="bfloat16"``): GEMM on the input as it lies and
-    gathered, direct on the padded input and on the input itself, grouped direct."""
+    gathered, direct on the padded input and on the input itself, grouped direct and the
+    lanes kernel."""
     be = NumbaBackend(threads=1, precision="bfloat16")
     for size, k, s, p, g in ((9, 1, 1, 0, 1), (9, 3, 1, 1, 1), (28, 3, 2, 1, 1),
-                             (28, 1, 2, 0, 1), (9, 3, 1, 1, 2)):
+                             (28, 1, 2, 0, 1), (9, 3, 1, 1, 2), (9, 3, 1, 1, 8)):
         act = be.from_nchw(rng.standard_normal((1, 32, size, size)).astype(np.float32))
         conv = be.prepare_conv(rng.standard_normal((32, 32 // g, k, k)).astype(np.float32),
                                None, s, p, g)

@@ -20,15 +20,14 @@ fraction of peak, instead of BLAS's per-call overhead on tiny matrices.
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._base import nbytes
 from .._workspace import aligned_empty, thread_scratch
 from . import padding, pairs
 from .kernels import kernel
-from .microkernel import (Finish, Out, Panel, Prefetch, Rows, data_ptr, make_microkernel,
-                          plain, record_values, register_loop)
+from .microkernel import (PAIRS, Finish, Out, Panel, Prefetch, Rows, data_ptr,
+                          make_microkernel, multiply_add, plain, record_values, register_loop)
 from .tile import TILE
 
 VL = TILE.vl
@@ -50,6 +49,12 @@ def make_lanes_kernel(vl, rows):
     acc[o][(l//w)*w + ci] + bias + residual?)`` with ``x`` :class:`~.microkernel.Rows`,
     ``b`` :class:`~.microkernel.Panel`, ``y`` :class:`~.microkernel.Out` and ``finish`` a
     :class:`~.microkernel.Finish` (always applied).
+
+    With ``x`` and ``b`` pointers to bf16 pairs (``pairs.py``; even ``w``), lane l holds
+    channels 2l and 2l+1 (group ``l // (w/2)``, pair ``q = l % (w/2)`` of it), each step
+    adds both products (``vdpbf16ps``), and a vector of pairs covers ``2 vl`` channels: the
+    tile stores two output vectors, ``y[... + H*vl + j] = relu?(sum_q acc[j % w][((H*vl +
+    j) // w) * w/2 + q] + ...)`` for H = 0, 1.
     """
     @intrinsic
     def lanes(typingctx, w, kc, rounds, x, tap_stride, b, y, valid, finish):
@@ -62,17 +67,22 @@ def make_lanes_kernel(vl, rows):
             b = record_values(context, builder, signature.args[5], b, "b")
             y = record_values(context, builder, signature.args[6], y, "c")
             finish = record_values(context, builder, signature.args[8], finish, "finish")
+            pairs = signature.args[3].types[0] == PAIRS
+            if pairs != (signature.args[5].types[0] == PAIRS):
+                raise TypeError("lanes kernel: x and b must both be float32 or both pairs")
             for width, mr in rows.items():
+                if pairs and width % 2:
+                    continue
                 with builder.if_then(builder.icmp_signed("==", w, ir.Constant(
                         ir.IntType(64), width))):
                     _lanes_body(builder, vl, width, mr, kc, rounds, x, tap_stride, b, y, valid,
-                                finish)
+                                finish, pairs)
             return context.get_dummy_value()
         return sig, codegen
     return lanes
 
 
-def _lanes_body(builder, vl, w, mr, kc, rounds, x, a_pstride, b, y, valid, finish):
+def _lanes_body(builder, vl, w, mr, kc, rounds, x, a_pstride, b, y, valid, finish, pairs):
     """The IR of one group width (see :func:`make_lanes_kernel`)."""
     x, a_off, lda, a_step = x
     b, b_off = b
@@ -81,8 +91,7 @@ def _lanes_body(builder, vl, w, mr, kc, rounds, x, a_pstride, b, y, valid, finis
     i64 = ir.IntType(64)
     vec = ir.VectorType(ir.FloatType(), vl)
     vptr = vec.as_pointer()
-    fma = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vl}f32")
+    madd = multiply_add(builder, vl, pairs)     # operands loaded as float vectors: bits
     zero = ir.Constant(vec, None)
 
     def const(v):
@@ -107,41 +116,50 @@ def _lanes_body(builder, vl, w, mr, kc, rounds, x, a_pstride, b, y, valid, finis
         for i in range(mr):
             xv = load(x_tap, builder.mul(const(i), lda))
             for o in range(w):
-                new.append(builder.call(fma, [xv, weights[o], acc[i * w + o]]))
+                new.append(madd(xv, weights[o], acc[i * w + o]))
         return new
 
     results = register_loop(builder, vec, kc, rounds, mr * w, start_run, step)
-    bias_v = load(bias, bias_off)
-    for i in range(mr):
-        sums = None
-        for ci in range(w):
-            # lane j takes acc[j % w][(j // w) * w + ci]: one source per shuffle step
-            part = results[i * w]
-            lanes = [(j // w) * w + ci if j % w == 0 else j for j in range(vl)]
-            part = builder.shuffle_vector(part, part, ir.Constant(
-                ir.VectorType(ir.IntType(32), vl), lanes))
-            for o in range(1, w):
-                mask = [vl + (j // w) * w + ci if j % w == o else j for j in range(vl)]
-                part = builder.shuffle_vector(part, results[i * w + o], ir.Constant(
-                    ir.VectorType(ir.IntType(32), vl), mask))
-            sums = part if sums is None else builder.fadd(sums, part)
-        value = builder.fadd(sums, bias_v)
-        out_off = builder.add(y_off, builder.mul(const(i), ldy))
-        with builder.if_then(builder.icmp_signed(">", valid, const(i))):
-            value = builder.select(has_res, builder.fadd(value, load(res, out_off)), value)
-            value = builder.select(relu, builder.select(
-                builder.fcmp_ordered("<", value, zero), zero, value), value)
-            builder.store(value, builder.bitcast(builder.gep(y, [out_off]), vptr), align=4)
+    # Lanes per group in an accumulator: w inputs, or w/2 pairs of them.
+    per_group = w // 2 if pairs else w
+    for half in range(2 if pairs else 1):        # output vectors per tile row
+        bias_v = load(bias, builder.add(bias_off, const(half * vl)))
+        for i in range(mr):
+            sums = None
+            for t in range(per_group):
+                # lane j takes acc[j % w][((half*vl + j) // w) * per_group + t]: one source
+                # per shuffle step
+                def source(j):
+                    return (half * vl + j) // w * per_group + t
+                part = results[i * w]
+                lanes = [source(j) if j % w == 0 else j for j in range(vl)]
+                part = builder.shuffle_vector(part, part, ir.Constant(
+                    ir.VectorType(ir.IntType(32), vl), lanes))
+                for o in range(1, w):
+                    mask = [vl + source(j) if j % w == o else j for j in range(vl)]
+                    part = builder.shuffle_vector(part, results[i * w + o], ir.Constant(
+                        ir.VectorType(ir.IntType(32), vl), mask))
+                sums = part if sums is None else builder.fadd(sums, part)
+            value = builder.fadd(sums, bias_v)
+            out_off = builder.add(y_off, builder.add(builder.mul(const(i), ldy),
+                                                     const(half * vl)))
+            with builder.if_then(builder.icmp_signed(">", valid, const(i))):
+                value = builder.select(has_res, builder.fadd(value, load(res, out_off)), value)
+                value = builder.select(relu, builder.select(
+                    builder.fcmp_ordered("<", value, zero), zero, value), value)
+                builder.store(value, builder.bitcast(builder.gep(y, [out_off]), vptr),
+                              align=4)
 
 
 _lanes = make_lanes_kernel(VL, LANE_ROWS)
 
 
-def lanes_fit(weight_shape, groups):
+def lanes_fit(weight_shape, groups, bf16=False):
     """Whether the lanes kernel runs a grouped convolution of these (O, Cin/G, k, k)
-    weights."""
+    weights (``bf16``: on bf16 pairs: an even width, whole vectors of pairs)."""
     o, w_in, _, _ = weight_shape
-    return w_in in LANE_ROWS and o // groups == w_in and o % VL == 0
+    fits = w_in in LANE_ROWS and o // groups == w_in and o % VL == 0
+    return fits and (not bf16 or (w_in % 2 == 0 and o % (2 * VL) == 0))
 
 
 def pack_lanes(weight):
@@ -158,13 +176,35 @@ def pack_lanes(weight):
     return out
 
 
+def pack_lanes_pairs(weight):
+    """(O, w, k, k) weights -> (O/(2 VL), k, k, w, VL) bf16 pairs (even w): for each block
+    of 2 VL channels, tap and output index o, lane l holds the pair (W[g*w + o, 2q],
+    W[g*w + o, 2q + 1]) of group g = l // (w/2), q = l % (w/2)."""
+    o, w, k, _ = weight.shape
+    h = w // 2
+    lanes = np.arange(VL)
+    out = aligned_empty((o // (2 * VL), k, k, w, VL), np.uint32)
+    for blk in range(o // (2 * VL)):
+        for oo in range(w):
+            rows = (blk * 2 * VL // w + lanes // h) * w + oo     # output channel per lane
+            first = 2 * (lanes % h)
+            # (VL lanes, ky, kx) -> (ky, kx, VL) for each half of the pairs
+            lo = pairs.round_bf16(weight[rows, first].transpose(1, 2, 0)).astype(np.uint32)
+            hi = pairs.round_bf16(weight[rows, first + 1].transpose(1, 2, 0)).astype(np.uint32)
+            out[blk, :, :, oo, :] = lo | (hi << 16)
+    return out
+
+
 @kernel
 def grouped_lanes(r0, r1, xp, k, stride, out_h, out_w, w, mr, bp, n_out, epi, y2):
     """Output rows [r0, r1) of a grouped convolution with w channels per group, from the
     zero-padded NHWC input ``xp``; ``bp`` from :func:`pack_lanes`; ``mr`` is
-    ``LANE_ROWS[w]``; ``epi`` the :class:`~.kernels.Epilogue`."""
+    ``LANE_ROWS[w]``; ``epi`` the :class:`~.kernels.Epilogue`. With bf16 pairs (``xp``
+    and ``bp`` from :func:`pack_lanes_pairs`, uint32), a vector of pairs makes two of
+    the output's."""
     bias, residual, has_residual, relu = epi
     _, hp, wp, ch = xp.shape
+    per = n_out // ch                # output channels per input element: 1, or 2 (pairs)
     tiles = (out_w + mr - 1) // mr
     x_ptr, b_ptr, y_ptr, bias_ptr = data_ptr(xp), data_ptr(bp), data_ptr(y2), data_ptr(bias)
     res_ptr = data_ptr(residual) if has_residual else y_ptr
@@ -174,10 +214,10 @@ def grouped_lanes(r0, r1, xp, k, stride, out_h, out_w, w, mr, bp, n_out, epi, y2
             valid = min(mr, out_w - t * mr)
             for cb in range(ch // VL):
                 a_off = ((n * hp + oy * stride) * wp + t * mr * stride) * ch + cb * VL
-                y_off = (r * out_w + t * mr) * n_out + cb * VL
+                y_off = (r * out_w + t * mr) * n_out + cb * VL * per
                 _lanes(w, k, k, Rows(x_ptr, a_off, stride * ch, wp * ch), ch,
                        Panel(b_ptr, cb * k * k * w * VL), Out(y_ptr, y_off, n_out, False),
-                       valid, Finish(True, bias_ptr, cb * VL, res_ptr, y_off, n_out,
+                       valid, Finish(True, bias_ptr, cb * VL * per, res_ptr, y_off, n_out,
                                      has_residual, relu))
 
 

@@ -207,7 +207,7 @@ class _BFloat(ir.Type):
         return hash("bfloat")
 
 
-def _multiply_add(builder, vl, pairs):
+def multiply_add(builder, vl, pairs):
     """``f(a, b, acc)``: ``acc + a * b`` on float32 vectors (an FMA), or with ``pairs`` on
     ``<vl x i32>`` vectors of bf16 pairs, each lane adding both products (``vdpbf16ps``)."""
     vec = ir.VectorType(ir.FloatType(), vl)
@@ -237,7 +237,7 @@ def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch, pair
     vptr = vec.as_pointer()
     # What A and B hold: float32 lanes, or bf16 pairs as 32-bit lanes.
     operand = ir.VectorType(ir.IntType(32), vl) if pairs else vec
-    multiply_add = _multiply_add(builder, vl, pairs)
+    madd = multiply_add(builder, vl, pairs)
     i8ptr = ir.IntType(8).as_pointer()
     prefetch_fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8ptr] + [ir.IntType(32)] * 3),
@@ -296,7 +296,7 @@ def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch, pair
                 builder.insert_element(ir.Constant(operand, ir.Undefined), s, i32(0)),
                 ir.Constant(operand, ir.Undefined), splat)
             for v in range(nv):
-                new.append(multiply_add(sv, bv[v], acc[i * nv + v]))
+                new.append(madd(sv, bv[v], acc[i * nv + v]))
         return new
 
     results = register_loop(builder, vec, kc, rounds, mr * nv, start_run, step)

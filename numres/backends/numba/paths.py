@@ -93,8 +93,9 @@ def prepare(weight, bias, stride, padding, groups, tuning, winograd_allowed=True
     panels are kept: the plain matrix would double the memory), else ``MATRIX``. With
     ``bf16`` (``precision="bfloat16"``), ungrouped ``PANELS`` are bf16 pairs (``pairs.py``)
     where the input has an even number of channels, at least ``tuning.direct_max_channels``
-    (not the stem: its 3 channels), and ``GROUPED_PANELS`` where a group has an even number
-    of channels; those never take Winograd (its float32 filters): on
+    (not the stem: its 3 channels), and ``LANES`` and ``GROUPED_PANELS`` where a group has
+    an even number of channels (``LANES``: and the channels fill vectors of pairs); those
+    never take Winograd (its float32 filters): on
     ResNet-18/50 and ResNeXt-50, batch 1 and 8, a stride-1 3x3 ran as fast or faster as a
     bf16 direct convolution than as float32 Winograd (``benchmarks/results/bf16-2core.md``).
     """
@@ -103,6 +104,9 @@ def prepare(weight, bias, stride, padding, groups, tuning, winograd_allowed=True
     own = tuning.own_gemm and AVAILABLE
     geometry = (bias, k, stride, padding, groups, o)
     if groups > 1:
+        if own and bf16 and grouped.lanes_fit(weight.shape, groups, bf16=True):
+            return Conv(Layout.LANES,
+                        grouped.pack_lanes_pairs(np.asarray(weight, np.float32)), *geometry)
         if own and grouped.lanes_fit(weight.shape, groups):
             return Conv(Layout.LANES, grouped.pack_lanes(np.asarray(weight, np.float32)),
                         *geometry)
