@@ -207,7 +207,7 @@ def _file_model(arch, weights, backend, num_classes, threads):
 
     chosen = get_backend(backend)
     if threads and chosen.name == "numba":
-        chosen = get_backend("numba", threads=threads)
+        chosen = chosen.with_threads(threads)      # keeps its precision and tuning
     return build(arch, weights=weights, backend=chosen, num_classes=num_classes,
                  progress=False)
 

@@ -66,6 +66,7 @@ def test_precision_bfloat16(workspace):
         pytest.skip("this CPU has no AVX512_BF16 (vdpbf16ps)")
     bf16 = json.loads(run(*args, "--backend", "numba", "--precision", "bfloat16").stdout)
     fp32 = json.loads(run(*args, "--backend", "numba").stdout)
+    assert len(bf16) == len(fp32) == 3
     for a, b in zip(bf16, fp32):
         assert a["top"][0]["label"] == b["top"][0]["label"]
         assert abs(a["top"][0]["probability"] - b["top"][0]["probability"]) < 0.02

@@ -1,9 +1,10 @@
 """``NumbaBackend(precision="bfloat16")``: bf16 pairs (``numres/backends/numba/pairs.py``).
 
-The exact oracle of a bf16 convolution is the float64 convolution of the bf16-rounded input
-and weights (each product of two bf16 values is exact in float32; only the float32 sums
-round): so each convolution is held to float32's tolerance against that, which float32
-arithmetic on the unrounded operands would miss by far.
+The oracle of a bf16 convolution is the float64 convolution of the bf16-rounded input and
+weights: each product of two bf16 values is exact in float32 (``vdpbf16ps`` treats bf16
+denormals as zero; these random operands have none), only the float32 sums round. So each
+convolution is held to float32's tolerance against it, which float32 arithmetic on the
+unrounded operands misses by far (about 4e-3 of the output's scale).
 """
 
 import numpy as np
@@ -68,6 +69,32 @@ def test_a_cpu_without_bf16_is_told_so(monkeypatch):
         numba.NumbaBackend(precision="bfloat16")
 
 
+def test_numbas_target_cpu_decides(monkeypatch):
+    """Kernels are compiled for Numba's target CPU, not necessarily the host's."""
+    import numba as nb
+    monkeypatch.setattr(nb.config, "CPU_NAME", "generic")
+    monkeypatch.setattr(nb.config, "CPU_FEATURES", "")
+    assert not pairs.supported()
+    monkeypatch.setattr(nb.config, "CPU_FEATURES", "+avx512f,+avx512bf16")
+    assert pairs.supported()
+    monkeypatch.setattr(nb.config, "CPU_FEATURES", "+avx512f,-avx512bf16")
+    assert not pairs.supported()
+
+
+@needs_bf16
+def test_blas_cannot_multiply_bf16():
+    with pytest.raises(ValueError, match="own_gemm=False"):
+        numba.NumbaBackend(precision="bfloat16", own_gemm=False)
+
+
+@needs_bf16
+def test_a_thread_count_keeps_the_precision():
+    be = numba.NumbaBackend(precision="bfloat16", winograd=False, split_rows_min=7)
+    other = be.with_threads(1)
+    assert (other.threads, other.precision, other.winograd, other.tuning.split_rows_min) == \
+        (1, "bfloat16", False, 7)
+
+
 def _uses_pairs(case):
     """Ungrouped convolutions of an even number (>= 16) of channels; grouped ones of an even
     number per group: on the lanes kernel where its groups fill vectors of pairs, else on
@@ -101,6 +128,25 @@ def test_each_convolution_is_exact_on_rounded_operands(rng, threads, case):
     expected = np.maximum(exact + res, 0)
     got = run_conv(be, x, wt, b, s, p, g, relu=True, residual=res)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@needs_bf16
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_paired_convolution_fused_with_its_max_pool(rng, threads):
+    """``conv2d_max_pool`` on a paired convolution (not ResNet's 3-channel stem: a stem
+    of 16 channels) takes the fused path on pairs."""
+    be = numba.NumbaBackend(threads=threads, precision="bfloat16")
+    x = rng.standard_normal((2, 16, 28, 28)).astype(np.float32)
+    wt = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    conv = be.prepare_conv(wt, None, 2, 1, 1)
+    act = be.from_nchw(x)
+    assert conv.pairs and be.conv_path(act.shape, conv, pooled=True) is ConvPath.STEM
+    got = be.to_numpy(be.to_nchw(be.conv2d_max_pool(act, conv, True, 3, 2, 1)))
+    y = np.maximum(reference_conv(bf16(x), bf16(wt), None, 2, 1, 1), 0)   # (2, 32, 14, 14)
+    pad = np.pad(y, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    pooled = np.max([pad[:, :, i:i + 13:2, j:j + 13:2] for i in range(3) for j in range(3)],
+                    axis=0)                                                 # (2, 32, 7, 7)
+    np.testing.assert_allclose(got, pooled, rtol=1e-4, atol=1e-4 * np.abs(pooled).max())
 
 
 @needs_bf16

@@ -87,11 +87,12 @@ def test_estimate_is_an_upper_bound_of_the_measured_peak(backend, arch, shape, k
 
 @pytest.mark.parametrize("arch, shape, kind", [
     ("resnet18", [4, 3, 160, 160], "logits"),
+    ("resnet18", [1, 3, 224, 224], "logits"),       # 56/28/14-wide maps: direct paths
     ("resnext50_32x4d", [1, 3, 192, 192], "maps"),
 ])
 def test_the_estimate_bounds_bfloat16_passes_too(arch, shape, kind):
     """``precision="bfloat16"`` converts inputs to pairs and pads them as pairs: the
-    estimate counts those copies (half an input's bytes each)."""
+    estimate counts those copies (half an input's bytes each), on every path."""
     pytest.importorskip("numres.backends.numba", reason="Numba is not installed")
     from numres.backends.numba import pairs, tile
     if not (tile.AVAILABLE and pairs.supported()):

@@ -22,6 +22,8 @@ import hashlib
 import os
 import sys
 import threading
+import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,7 +158,12 @@ def _warm_every_kernel():
                       residual=act)
         be.max_pool2d(act, 3, 2, 1)
     if AVAILABLE and pairs.supported():
-        _warm_pairs(rng)
+        try:
+            _warm_pairs(rng)
+        except Exception as exc:       # noqa: BLE001 - float32 must not fail with bf16
+            warnings.warn(f"numres: the bfloat16 kernels did not compile ({exc}); "
+                          "precision='bfloat16' will compile them when asked for",
+                          RuntimeWarning)
 
 
 def _warm_pairs(rng):
@@ -184,14 +191,18 @@ class NumbaBackend(Backend):
         precision: ``"float32"`` (default), or ``"bfloat16"``: convolutions multiply in
             bf16 with float32 sums (``pairs.py``) on CPUs with AVX512_BF16: about twice the
             multiply rate, outputs no longer within float32 rounding of torch's. Applies to
-            the ungrouped convolutions other than the stem (those then never use Winograd);
-            grouped ones, the stem and the classifier stay float32, and so do activations.
+            convolutions with an even number of input channels (per group), at least 16
+            when ungrouped (not the stem), and filling vectors of pairs on the grouped-lanes
+            kernel; those never use Winograd. 64-channel groups (BLAS), the classifier and
+            every activation stay float32. While this machine's kernels compile in the
+            background (``background.py``), calls run on NumPy in float32.
         **tuning: overrides of :class:`~.tuning.Tuning` fields.
 
     Raises:
-        ValueError: ``NUMRES_NUM_THREADS``/``OMP_NUM_THREADS`` is not an integer, or an
-            unknown ``precision``.
-        BackendUnavailable: ``precision="bfloat16"`` on a CPU without AVX512_BF16.
+        ValueError: ``NUMRES_NUM_THREADS``/``OMP_NUM_THREADS`` is not an integer, an
+            unknown ``precision``, or bfloat16 with ``own_gemm=False`` (BLAS is float32).
+        BackendUnavailable: ``precision="bfloat16"`` on a CPU without AVX512_BF16 (or with
+            Numba compiling for one: ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``).
         TypeError: an unknown tuning field.
 
     Example:
@@ -209,10 +220,13 @@ class NumbaBackend(Backend):
             raise ValueError(f"precision must be one of {self.PRECISIONS}, got {precision!r}")
         if precision == "bfloat16" and not (AVAILABLE and pairs.supported()):
             raise BackendUnavailable(
-                "precision='bfloat16' needs a CPU with AVX512_BF16 (vdpbf16ps); this one has "
-                "none: use precision='float32'")
+                "precision='bfloat16' needs a CPU with AVX512_BF16 (vdpbf16ps), and Numba "
+                "compiling for it; this one has none: use precision='float32'")
         self.precision = precision
         self.tuning = Tuning(**tuning)
+        if precision == "bfloat16" and not self.tuning.own_gemm:
+            raise ValueError("precision='bfloat16' runs on numres's own kernels; "
+                             "own_gemm=False multiplies with BLAS, in float32")
         self.replay = replay and os.environ.get("NUMRES_REPLAY", "1") != "0"
         self._recording = threading.local()
         self._batch_hint = threading.local()   # as_batch(n): choices made for n images
@@ -225,6 +239,12 @@ class NumbaBackend(Backend):
         self.workspace = Workspace()
         if not kernels_cached() and not (background.enabled() and background.start()):
             _compile_notice()
+
+    def with_threads(self, threads):
+        """A backend like this one (precision, Winograd, replay, tuning) on ``threads``
+        threads."""
+        return NumbaBackend(threads=threads, winograd=self.winograd, replay=self.replay,
+                            precision=self.precision, **dataclasses.asdict(self.tuning))
 
     @property
     def executor(self):

@@ -24,6 +24,7 @@ kernel (``grouped.py``).
 
 from collections import namedtuple
 
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -215,7 +216,11 @@ def multiply_add(builder, vl, pairs):
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vl}f32")
         return lambda a, b, acc: builder.call(fma, [a, b, acc])
-    bvec = ir.VectorType(_BFloat(), 2 * vl)
+    # LLVM 17 declared the operands as bfloat vectors; before, as i32 vectors of pairs.
+    if llvm_binding.llvm_version_info >= (17,):
+        bvec = ir.VectorType(_BFloat(), 2 * vl)
+    else:
+        bvec = ir.VectorType(ir.IntType(32), vl)
     bits = {16: 512, 8: 256}[vl]
     dot = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(vec, [vec, bvec, bvec]),

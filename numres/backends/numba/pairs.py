@@ -5,9 +5,14 @@ of each lane to a float32 sum: twice the multiply-adds of a float32 FMA per inst
 in bfloat16 mode the weights of a convolution are packed once as pairs adjacent along the
 reduction (:func:`pack`), and the activation it reads is converted to pairs of adjacent
 channels (:func:`to_pairs`, or while padding: ``padding.pad_input``). A grouped convolution
-pairs channels within each group (groups of an even number of channels). Sums, bias, residual
-and ReLU stay float32, and so does every activation between layers: only the multiply
-rounds its operands, to bfloat16 (8 bits of mantissa, float32's range).
+pairs channels within each group (groups of an even number of channels; on the lanes kernel
+also whole vectors of pairs: C a multiple of 2 vl). Sums, bias, residual and ReLU stay
+float32, and so does every activation between layers: only the multiply rounds its operands,
+to bfloat16 (8 bits of mantissa, float32's range).
+
+The multiply treats bf16 denormals (below 1.2e-38) as zero, as ``vdpbf16ps`` does; rounding
+here keeps them (as torch does): the products lost are at most ~1e-38 times the other
+operand, nothing beside the sums of a network's layers.
 
 A pair is one uint32: the even channel's bf16 in the low half, the odd one's in the high
 half (little-endian memory: the two bf16 values in channel order). An NHWC activation of C
@@ -24,7 +29,13 @@ from .kernels import JIT, helper, kernel
 
 
 def supported():
-    """Whether this CPU multiplies bf16 pairs (AVX512_BF16)."""
+    """Whether the CPU Numba compiles for multiplies bf16 pairs (AVX512_BF16): the host's,
+    or the one ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` name (features must list it)."""
+    from numba import config
+    if config.CPU_FEATURES:
+        return "+avx512bf16" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return False          # a named CPU (e.g. "generic" for portable caches): unknown
     try:
         return bool(llvm_binding.get_host_cpu_features().get("avx512bf16"))
     except RuntimeError:

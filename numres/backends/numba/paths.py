@@ -97,7 +97,7 @@ def prepare(weight, bias, stride, padding, groups, tuning, winograd_allowed=True
     an even number of channels (``LANES``: and the channels fill vectors of pairs); those
     never take Winograd (its float32 filters): on
     ResNet-18/50 and ResNeXt-50, batch 1 and 8, a stride-1 3x3 ran as fast or faster as a
-    bf16 direct convolution than as float32 Winograd (``benchmarks/results/bf16-2core.md``).
+    bf16 direct convolution than as float32 Winograd (``benchmarks/results/numba-design.md``).
     """
     o, _, k, _ = weight.shape
     bias = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32)
