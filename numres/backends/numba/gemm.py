@@ -158,9 +158,12 @@ def gemm_finish(a, rows, bp, p0, p1, pf_p1, n_out, epi, y2, m0, c):
 def gather(x, k, stride, pad, out_h, out_w, m0, m1, a):
     """a[m - m0, (ky, kx, c)] = x[n, oy*s - p + ky, ox*s - p + kx, c] for pixels [m0, m1)
     of the output (m = (n, oy, ox)), 0 outside the image: im2col (k > 1) or the subsample of
-    a strided 1x1 convolution (k == 1), row-major as the microkernel reads it."""
+    a strided 1x1 convolution (k == 1), row-major as the microkernel reads it. A uint32
+    ``a`` gets bf16 pairs of adjacent channels (even C, ``pairs.py``) of float32 ``x``."""
     _, h, w, c = x.shape
-    kc = k * c
+    r = pairs.ratio(a) // pairs.ratio(x)     # floats per element of a, per element of x
+    kc = k * c                               # x's elements per kernel row
+    kd = kc // r                             # a's
     xf = x.ravel()
     for m in range(m0, m1):
         ox = m % out_w
@@ -173,12 +176,12 @@ def gather(x, k, stride, pad, out_h, out_w, m0, m1, a):
         hi = min(k, w - ix0) * c
         for ky in range(k):
             iy = oy * stride - pad + ky
-            d = ky * kc
+            d = ky * kd
             if iy < 0 or iy >= h or lo >= hi:
-                dst[d:d + kc] = 0
+                dst[d:d + kd] = 0
                 continue
             src = ((n * h + iy) * w + ix0) * c
-            if c < 16:     # the 3-channel stem: element copies beat short slice copies
+            if c < 16 and r == 1:  # the 3-channel stem: element copies beat short slices
                 for j in range(lo):
                     dst[d + j] = 0
                 for j in range(lo, hi):
@@ -186,9 +189,9 @@ def gather(x, k, stride, pad, out_h, out_w, m0, m1, a):
                 for j in range(hi, kc):
                     dst[d + j] = 0
             else:
-                dst[d:d + lo] = 0
-                dst[d + lo:d + hi] = xf[src + lo:src + hi]
-                dst[d + hi:d + kc] = 0
+                dst[d:d + lo // r] = 0
+                pairs.store_row(dst[d + lo // r:d + hi // r], xf[src + lo:src + hi])
+                dst[d + hi // r:d + kd] = 0
 
 
 @kernel
@@ -201,7 +204,8 @@ def conv_pixels(counters, part, parts, by_panels, mc, x, window, direct, bp, epi
     pixels). ``window`` is ``(k, stride, pad, out_h, out_w)``; ``direct``: the activation is
     the GEMM input as it lies (1x1, stride 1), so only a ragged end is copied. ``a`` (mc, K)
     and ``c`` (mc, panels*NR) are this thread's scratch; ``y2`` is the (M, O) output. With
-    bf16 pairs (``x``, ``a`` and ``bp`` uint32), K and channels count pairs.
+    bf16 pairs (``a`` and ``bp`` uint32, K in pairs), each block's rows are converted into
+    ``a`` as they are gathered or copied (in cache, just before they are multiplied).
     """
     k, stride, pad, out_h, out_w = window
     m0, m1, p0, p1, n_out = 0, y2.shape[0], 0, bp.shape[0], y2.shape[1]
@@ -216,16 +220,14 @@ def conv_pixels(counters, part, parts, by_panels, mc, x, window, direct, bp, epi
         b0, b1 = (m0, m1) if by_panels else (m0 + blk * mc, min(m0 + (blk + 1) * mc, m1))
         rows = b1 - b0
         padded = (rows + MR - 1) // MR * MR
-        if direct and b0 + padded <= total:
-            src = x2[b0:b0 + padded]
-        else:
-            src = a[:padded]
-            if not (by_panels and started):          # by panels: one gather serves all
-                if direct:
-                    a[:rows] = x2[b0:b1]
-                else:
-                    gather(x, k, stride, pad, out_h, out_w, b0, b1, a)
-                a[rows:padded] = 0
+        src, scratch = pairs.block_rows(x2, a, b0, padded, direct and b0 + padded <= total)
+        if scratch and not (by_panels and started):  # by panels: one gather serves all
+            if direct:
+                for i in range(rows):
+                    pairs.store_row(a[i], x2[b0 + i])
+            else:
+                gather(x, k, stride, pad, out_h, out_w, b0, b1, a)
+            a[rows:padded] = 0
         started = True
         if by_panels:
             # Prefetch toward the end of this thread's own share of panels.
@@ -262,8 +264,6 @@ def blocking(m, panels, threads, tuning):
 
 def run(be, x, conv, epi, y):
     """Run a convolution on this path (see ``paths.RUNNERS``)."""
-    if conv.pairs:
-        x = pairs.converted(be, x)
     be.step(multiply, be.executor, be.tuning, x, conv, epi, y)
 
 
@@ -287,12 +287,10 @@ def multiply(ex, tuning, x, conv, epi, y):
 
 
 def events(conv, x, y, threads, tuning):
-    """The memory this path takes beyond its output (``Backend.memory_events``): the input
-    as bf16 pairs (``conv.pairs``), each thread's gathered block and its tile scratch."""
+    """The memory this path takes beyond its output (``Backend.memory_events``): each
+    thread's gathered block and its tile scratch."""
     n, oh, ow, _ = y
     panels, k_dim = conv.weight.shape[:2]
     _, mc = blocking(n * oh * ow, panels, threads, tuning)
-    converted = pairs.events(x) if conv.pairs else []
-    return converted + [("scratch", "gemm_a", threads * nbytes((mc, k_dim))),
-                        ("scratch", "gemm_c", threads * nbytes((mc, panels * NR)))] \
-        + [("free", "pairs")] * bool(converted)
+    return [("scratch", "gemm_a", threads * nbytes((mc, k_dim))),
+            ("scratch", "gemm_c", threads * nbytes((mc, panels * NR)))]

@@ -77,14 +77,14 @@ def unpack(pairs, k):
 
 
 def store_row(dst, src):
-    """``dst[:] = src`` on 1-D rows inside a kernel: a copy where ``dst`` is float32; where
-    it is uint32, ``src``'s floats as bf16 pairs (``dst`` half as long)."""
+    """``dst[:] = src`` on 1-D rows inside a kernel: a copy where both hold the same type;
+    float32 ``src`` into uint32 ``dst``: as bf16 pairs (``dst`` half as long)."""
     dst[:] = src
 
 
 @overload(store_row, jit_options=JIT, inline="always")
 def _store_row(dst, src):
-    if dst.dtype != types.uint32:
+    if dst.dtype == src.dtype:
         def copy(dst, src):
             dst[:] = src
         return copy
@@ -102,6 +102,38 @@ def _bf16(u):
     if (u & 0x7FFFFFFF) > 0x7F800000:
         return (u >> 16) | 0x40
     return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+def ratio(a):
+    """Floats per element of ``a`` inside a kernel: 1 (float32), 2 (uint32 pairs)."""
+    return 1
+
+
+@overload(ratio, jit_options=JIT, inline="always")
+def _ratio(a):
+    two = a.dtype == types.uint32
+    return (lambda a: 2) if two else (lambda a: 1)
+
+
+def block_rows(x2, a, b0, rows, in_place):
+    """The A rows of a GEMM block inside a kernel, and whether they are ``a`` (to fill):
+    ``x2[b0:b0 + rows]`` itself where ``in_place`` and ``a`` holds the same type; else
+    ``a[:rows]`` (bf16 pairs of float32 ``x2``: converted into ``a``, never read in place)."""
+    return a[:rows], True
+
+
+@overload(block_rows, jit_options=JIT, inline="always")
+def _block_rows(x2, a, b0, rows, in_place):
+    if x2.dtype == a.dtype:
+        def either(x2, a, b0, rows, in_place):
+            if in_place:
+                return x2[b0:b0 + rows], False
+            return a[:rows], True
+        return either
+
+    def scratch(x2, a, b0, rows, in_place):
+        return a[:rows], True
+    return scratch
 
 
 @kernel
