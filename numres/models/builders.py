@@ -1,11 +1,12 @@
 """The public builders ``resnet18`` ... ``wide_resnet101_2``, all funnelling into :func:`build`.
 
 Signature: ``(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-progress=True, fold_bn=True)``. ``pretrained=True`` means ImageNet ``IMAGENET1K_V1`` weights, as
-torchvision maps it; ``weights`` takes a tag (``"IMAGENET1K_V2"``, ``"DEFAULT"``), a
-``ResNet50_Weights`` member, a path to a ``.pth`` file, an http(s) URL, a Hugging Face Hub
-spec or a state dict. This module is where the model meets the weights (``numres.hub``);
-the model itself (``resnet.py``) knows neither files nor downloads.
+progress=True, fold_bn=True, precision="float32")``. ``pretrained=True`` means ImageNet
+``IMAGENET1K_V1`` weights, as torchvision maps it; ``weights`` takes a tag
+(``"IMAGENET1K_V2"``, ``"DEFAULT"``), a ``ResNet50_Weights`` member, a path to a ``.pth``
+file, an http(s) URL, a Hugging Face Hub spec or a state dict. This module is where the
+model meets the weights (``numres.hub``); the model itself (``resnet.py``) knows neither
+files nor downloads.
 """
 
 import functools
@@ -48,7 +49,7 @@ def _model(arch, num_classes, backend="numpy", fold_bn=True):
 
 
 def build(arch, pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-          progress=True, fold_bn=True):
+          progress=True, fold_bn=True, precision="float32"):
     """Build any architecture by name: what every builder (``numres.resnet50`` ...) calls.
 
     With registry weights and ``num_classes != 1000`` the backbone is pretrained and ``fc`` is
@@ -67,15 +68,25 @@ def build(arch, pretrained=False, *, weights=None, num_classes=1000, backend="au
             Backend.
         progress: progress bar on stderr while downloading (terminals only).
         fold_bn: fold batch norm into the convolutions (keep True except to test folding).
+        precision: ``"float32"``, or ``"bfloat16"``: the Numba backend multiplies in bf16
+            on CPUs with AVX512_BF16 (faster; logits within ~1% of float32's, no longer
+            equal to torch's: see ``NumbaBackend``). With ``backend="auto"`` that is the
+            Numba backend; another backend refuses.
 
     Returns:
         :class:`numres.models.ResNet`; call it on (N, 3, H, W) float32 arrays.
 
     Raises:
-        ValueError: unknown arch, bad tag, ``pretrained`` together with ``weights``.
+        ValueError: unknown arch, bad tag, ``pretrained`` together with ``weights``, an
+            unknown ``precision`` or one the backend does not run.
+        BackendUnavailable: ``precision="bfloat16"`` on a CPU without AVX512_BF16.
         CheckpointError: the checkpoint does not fit the architecture (keys/shapes by name).
         DownloadError: the weights could not be fetched.
+
+    Example:
+        >>> model = numres.build("resnet50", pretrained=True, precision="bfloat16")
     """
+    backend = _with_precision(backend, precision)
     model = _model(arch, num_classes, backend, fold_bn)
     source = hub.resolve(arch, pretrained, weights)
     if source is None:
@@ -97,14 +108,35 @@ def build(arch, pretrained=False, *, weights=None, num_classes=1000, backend="au
     return model
 
 
-def from_hub(spec, *, num_classes=None, backend="auto", progress=True, fold_bn=True):
+def _with_precision(backend, precision):
+    """``backend`` (a name or a Backend) as the backend that computes in ``precision``."""
+    from ..backends import Backend, get_backend
+    precisions = ("float32", "bfloat16")
+    if precision not in precisions:
+        raise ValueError(f"precision must be one of {precisions}, got {precision!r}")
+    if precision == "float32":
+        return backend
+    if isinstance(backend, Backend):
+        if getattr(backend, "precision", "float32") != precision:
+            raise ValueError(f"precision={precision!r}, but the {backend.name} backend passed "
+                             f"computes in {getattr(backend, 'precision', 'float32')}: pass "
+                             f"get_backend('numba', precision={precision!r}), or only one")
+        return backend
+    if backend not in ("auto", "numba"):
+        raise ValueError(f"precision={precision!r} runs on the numba backend (CPUs with "
+                         f"AVX512_BF16), not backend={backend!r}")
+    return get_backend("numba", precision=precision)
+
+
+def from_hub(spec, *, num_classes=None, backend="auto", progress=True, fold_bn=True,
+             precision="float32"):
     """Build the model a timm repo's ``config.json`` names, with the repo's weights.
 
     Args:
         spec: ``"hf-hub:org/name[@revision]"``, e.g. ``"hf-hub:timm/resnet50.a1_in1k"``.
         num_classes: classifier size; default the repo's (another value keeps the backbone
             and initialises ``fc``, as for registry weights).
-        backend, progress, fold_bn: as for :func:`build`.
+        backend, progress, fold_bn, precision: as for :func:`build`.
 
     Returns:
         :class:`numres.models.ResNet`; ``model.weights.transforms()`` is the repo's
@@ -127,7 +159,7 @@ def from_hub(spec, *, num_classes=None, backend="auto", progress=True, fold_bn=T
                               "to try its weights on one of those, call that builder with "
                               f"weights={spec!r}")
     return build(arch, weights=spec, num_classes=num_classes or repo_classes, backend=backend,
-                 progress=progress, fold_bn=fold_bn)
+                 progress=progress, fold_bn=fold_bn, precision=precision)
 
 
 def architecture_problems(arch, state_dict, num_classes=None):
@@ -185,8 +217,9 @@ def _documented(fn):
     """Append the builders' shared argument documentation to ``fn``'s docstring."""
     fn.__doc__ += """
     Args:
-        pretrained, weights, num_classes, backend, progress, fold_bn: as for
-            :func:`numres.build` (``pretrained=True``: ImageNet ``IMAGENET1K_V1``).
+        pretrained, weights, num_classes, backend, progress, fold_bn, precision: as for
+            :func:`numres.build` (``pretrained=True``: ImageNet ``IMAGENET1K_V1``;
+            ``precision="bfloat16"``: faster on CPUs with AVX512_BF16, not float32-exact).
 
     Returns:
         :class:`numres.models.ResNet`; call it on (N, 3, H, W) float32 arrays.
@@ -199,25 +232,27 @@ def _documented(fn):
 
 @_documented
 def resnet18(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-             progress=True, fold_bn=True):
+             progress=True, fold_bn=True, precision="float32"):
     """ResNet-18: BasicBlock x (2, 2, 2, 2); weights ``ResNet18_Weights``.
     """
     return build("resnet18", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def resnet34(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-             progress=True, fold_bn=True):
+             progress=True, fold_bn=True, precision="float32"):
     """ResNet-34: BasicBlock x (3, 4, 6, 3); weights ``ResNet34_Weights``.
     """
     return build("resnet34", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def resnet50(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-             progress=True, fold_bn=True):
+             progress=True, fold_bn=True, precision="float32"):
     """ResNet-50: Bottleneck x (3, 4, 6, 3); weights ``ResNet50_Weights``.
 
     Example:
@@ -226,72 +261,80 @@ def resnet50(pretrained=False, *, weights=None, num_classes=1000, backend="auto"
         >>> emb = model.features(x)      # (N, 2048): pooled, before fc
     """
     return build("resnet50", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def resnet101(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-              progress=True, fold_bn=True):
+              progress=True, fold_bn=True, precision="float32"):
     """ResNet-101: Bottleneck x (3, 4, 23, 3); weights ``ResNet101_Weights``.
     """
     return build("resnet101", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def resnet152(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-              progress=True, fold_bn=True):
+              progress=True, fold_bn=True, precision="float32"):
     """ResNet-152: Bottleneck x (3, 8, 36, 3); weights ``ResNet152_Weights``.
     """
     return build("resnet152", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def resnext50_32x4d(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-                    progress=True, fold_bn=True):
+                    progress=True, fold_bn=True, precision="float32"):
     """ResNeXt-50 32x4d: Bottleneck x (3, 4, 6, 3), 32 groups of width 4; weights
     ``ResNeXt50_32X4D_Weights``.
     """
     return build("resnext50_32x4d", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def resnext101_32x8d(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-                     progress=True, fold_bn=True):
+                     progress=True, fold_bn=True, precision="float32"):
     """ResNeXt-101 32x8d: Bottleneck x (3, 4, 23, 3), 32 groups of width 8; weights
     ``ResNeXt101_32X8D_Weights``.
     """
     return build("resnext101_32x8d", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def resnext101_64x4d(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-                     progress=True, fold_bn=True):
+                     progress=True, fold_bn=True, precision="float32"):
     """ResNeXt-101 64x4d: Bottleneck x (3, 4, 23, 3), 64 groups of width 4; weights
     ``ResNeXt101_64X4D_Weights``.
     """
     return build("resnext101_64x4d", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def wide_resnet50_2(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-                    progress=True, fold_bn=True):
+                    progress=True, fold_bn=True, precision="float32"):
     """Wide ResNet-50-2: Bottleneck x (3, 4, 6, 3), inner width 128; weights
     ``Wide_ResNet50_2_Weights``.
     """
     return build("wide_resnet50_2", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)
 
 
 @_documented
 def wide_resnet101_2(pretrained=False, *, weights=None, num_classes=1000, backend="auto",
-                     progress=True, fold_bn=True):
+                     progress=True, fold_bn=True, precision="float32"):
     """Wide ResNet-101-2: Bottleneck x (3, 4, 23, 3), inner width 128; weights
     ``Wide_ResNet101_2_Weights``.
     """
     return build("wide_resnet101_2", pretrained, weights=weights, num_classes=num_classes,
-                 backend=backend, progress=progress, fold_bn=fold_bn)
+                 backend=backend, progress=progress, fold_bn=fold_bn,
+                 precision=precision)

@@ -221,3 +221,30 @@ def test_model_releases_checkpoint_pages_after_preparing(tmp_path, monkeypatch):
     random = numres.resnet18(num_classes=3, backend=backend)
     random(np.zeros((1, 3, 32, 32), np.float32))
     assert released == [len(model.state_dict())] and random.after_prepare is None
+
+
+def test_precision_is_checked_before_anything_is_built():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        numres.resnet18(precision="float16")
+    with pytest.raises(ValueError, match="runs on the numba backend"):
+        numres.resnet18(backend="numpy", precision="bfloat16")
+    with pytest.raises(ValueError, match="computes in float32"):
+        numres.resnet18(backend=numres.get_backend("numpy"), precision="bfloat16")
+
+
+def test_precision_bfloat16_builds_on_a_bf16_numba_backend(reference):
+    """``precision="bfloat16"`` on a builder: the Numba backend in bf16 (``backend="auto"``
+    or ``"numba"``), logits close to torch's but not float32-exact."""
+    numba = pytest.importorskip("numres.backends.numba", reason="Numba is not installed")
+    from numres.backends.numba import pairs, tile
+    if not (tile.AVAILABLE and pairs.supported()):
+        pytest.skip("this CPU has no AVX512_BF16 (vdpbf16ps)")
+    zip_path, _, x, logits, _ = reference("resnet18")
+    model = numres.resnet18(weights=str(zip_path), backend="numba", precision="bfloat16")
+    assert model.backend.name == "numba" and model.backend.precision == "bfloat16"
+    err = np.abs(model(x) - logits).max() / np.abs(logits).max()
+    assert 1e-5 < err < 0.02
+    passed = numba.NumbaBackend(precision="bfloat16")
+    assert numres.resnet18(backend=passed, precision="bfloat16").backend is passed
+    with pytest.raises(ValueError, match="computes in float32"):
+        numres.resnet18(backend=numba.NumbaBackend(), precision="bfloat16")
