@@ -18,6 +18,7 @@ import sys
 
 
 from . import __version__, hub
+from .backends import PRECISIONS
 from .checkpoint import FORMAT_NAMES, read_checkpoint
 from .errors import BackendUnavailable, CheckpointError, DownloadError
 from .models.builders import ARCHS, build, fitting_architectures
@@ -30,7 +31,7 @@ def _model_args(p, default_weights="DEFAULT"):
     p.add_argument("--weights", default=default_weights,
                    help="V1, V2, DEFAULT, a .pth path or an http(s) URL (default: %(default)s)")
     p.add_argument("--backend", default="auto", help="auto, numpy, numba or cupy")
-    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="bfloat16: the Numba backend multiplies in bf16 on CPUs with "
                         "AVX512_BF16 (faster; logits within ~1%% of float32's, not equal)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -68,21 +69,16 @@ def _build(args):
 
 
 def _backend(args):
-    """The backend for --backend, on --threads threads when given (default: every core;
-    see :func:`numres.pipeline.split_threads`), in --precision."""
-    from .backends import get_backend
+    """The backend for --backend in --precision, on --threads threads when given (default:
+    every core; see :func:`numres.pipeline.split_threads`)."""
+    from .backends import get_backend, with_precision
     from .pipeline import split_threads
 
-    backend = get_backend(args.backend)
-    options = {}
-    if args.precision != "float32":
-        if backend.name != "numba":
-            raise ValueError(f"--precision {args.precision} is an option of the numba "
-                             f"backend; --backend {args.backend} is {backend.name}")
-        options["precision"] = args.precision
+    backend = get_backend(with_precision(args.backend, args.precision))
     if backend.name == "numba" and getattr(args, "threads", None):
-        _, options["threads"] = split_threads(compute_threads=args.threads)
-    return get_backend("numba", **options) if options else backend
+        _, compute = split_threads(compute_threads=args.threads)
+        backend = backend.with_threads(compute)
+    return backend
 
 
 def _run_files(args, model, files, output):

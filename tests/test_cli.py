@@ -59,7 +59,7 @@ def test_precision_bfloat16(workspace):
     args = ("predict", str(workspace / "imgs"), "--arch", "resnet18", "--weights",
             str(workspace / "r18.pth"), "--json")
     done = run(*args, "--backend", "numpy", "--precision", "bfloat16", check_rc=1)
-    one_line_error(done, "--precision bfloat16 is an option of the numba backend")
+    one_line_error(done, "precision='bfloat16' runs on the numba backend", "numpy")
     pytest.importorskip("numres.backends.numba", reason="Numba is not installed")
     from numres.backends.numba import pairs, tile
     if not (tile.AVAILABLE and pairs.supported()):

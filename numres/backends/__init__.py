@@ -13,12 +13,12 @@ import os
 import threading
 
 from ..errors import BackendUnavailable
-from ._base import (Backend, PassOp, available_cores, batch_norm_affine, conv_output_size,
-                    conv_weight_matrix, copy_tree, default_threads, nbytes)
+from ._base import (PRECISIONS, Backend, PassOp, available_cores, batch_norm_affine,
+                    conv_output_size, conv_weight_matrix, copy_tree, default_threads, nbytes)
 
-__all__ = ["BACKEND_NAMES", "Backend", "PassOp", "available_backends", "available_cores",
-           "batch_norm_affine", "conv_output_size", "conv_weight_matrix", "copy_tree",
-           "default_threads", "get_backend", "nbytes"]
+__all__ = ["BACKEND_NAMES", "PRECISIONS", "Backend", "PassOp", "available_backends",
+           "available_cores", "batch_norm_affine", "conv_output_size", "conv_weight_matrix",
+           "copy_tree", "default_threads", "get_backend", "nbytes", "with_precision"]
 
 # name -> (module, class); tried in this order by "auto" (fastest first)
 _REGISTRY = {
@@ -94,3 +94,33 @@ def _load(name):
             raise
         _instances[name] = instance
         return instance
+
+
+def with_precision(backend, precision):
+    """``backend`` (a name or a Backend) as one that computes in ``precision``: itself for
+    float32; for bfloat16 a Numba backend in bf16 (``"auto"`` and ``"numba"`` give one, a
+    passed Backend must already compute in it).
+
+    Raises:
+        ValueError: an unknown precision, or one the backend does not compute in.
+        BackendUnavailable: bfloat16 without Numba, or on a CPU without AVX512_BF16.
+
+    Example:
+        >>> with_precision("numpy", "float32")
+        'numpy'
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return backend
+    if isinstance(backend, Backend):
+        have = getattr(backend, "precision", "float32")
+        if have != precision:
+            raise ValueError(f"precision={precision!r}, but the {backend.name} backend passed "
+                             f"computes in {have}: pass get_backend('numba', "
+                             f"precision={precision!r}), or only one")
+        return backend
+    if backend not in ("auto", "numba"):
+        raise ValueError(f"precision={precision!r} runs on the numba backend (CPUs with "
+                         f"AVX512_BF16), not backend={backend!r}")
+    return get_backend("numba", precision=precision)

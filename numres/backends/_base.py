@@ -229,6 +229,11 @@ def _observable(name, method):
     return op
 
 
+#: What a backend may compute convolutions in (``precision=``): float32 everywhere; bfloat16
+#: on the Numba backend, on CPUs with AVX512_BF16 (``numba/pairs.py``).
+PRECISIONS = ("float32", "bfloat16")
+
+
 def conv_output_size(size, kernel, stride, padding):
     """Floor-mode output length of a convolution or pooling window, as torch computes it.
 

@@ -15,6 +15,7 @@ from collections import namedtuple
 import numpy as np
 
 from .. import hub
+from ..backends import with_precision
 from ..checkpoint import release_pages
 from ..errors import CheckpointError
 from ._modules import Conv2d, Linear, state_dict_problems
@@ -86,7 +87,7 @@ def build(arch, pretrained=False, *, weights=None, num_classes=1000, backend="au
     Example:
         >>> model = numres.build("resnet50", pretrained=True, precision="bfloat16")
     """
-    backend = _with_precision(backend, precision)
+    backend = with_precision(backend, precision)
     model = _model(arch, num_classes, backend, fold_bn)
     source = hub.resolve(arch, pretrained, weights)
     if source is None:
@@ -106,26 +107,6 @@ def build(arch, pretrained=False, *, weights=None, num_classes=1000, backend="au
     model.weights = source if isinstance(source, hub.Weights) else None
     model.arch = arch
     return model
-
-
-def _with_precision(backend, precision):
-    """``backend`` (a name or a Backend) as the backend that computes in ``precision``."""
-    from ..backends import Backend, get_backend
-    precisions = ("float32", "bfloat16")
-    if precision not in precisions:
-        raise ValueError(f"precision must be one of {precisions}, got {precision!r}")
-    if precision == "float32":
-        return backend
-    if isinstance(backend, Backend):
-        if getattr(backend, "precision", "float32") != precision:
-            raise ValueError(f"precision={precision!r}, but the {backend.name} backend passed "
-                             f"computes in {getattr(backend, 'precision', 'float32')}: pass "
-                             f"get_backend('numba', precision={precision!r}), or only one")
-        return backend
-    if backend not in ("auto", "numba"):
-        raise ValueError(f"precision={precision!r} runs on the numba backend (CPUs with "
-                         f"AVX512_BF16), not backend={backend!r}")
-    return get_backend("numba", precision=precision)
 
 
 def from_hub(spec, *, num_classes=None, backend="auto", progress=True, fold_bn=True,

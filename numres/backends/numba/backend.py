@@ -23,13 +23,12 @@ import os
 import sys
 import threading
 import warnings
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .._base import (Backend, batch_norm_affine, compose_conv_pool, conv_output_size,
-                     default_threads, nbytes, workspace_free_sizes)
+from .._base import (PRECISIONS, Backend, batch_norm_affine, compose_conv_pool,
+                     conv_output_size, default_threads, nbytes, workspace_free_sizes)
 from .._workspace import Workspace
 from ...errors import BackendUnavailable
 from . import background, gemm, kernels, pairs, replay, threads
@@ -211,13 +210,11 @@ class NumbaBackend(Backend):
     """
 
     name = "numba"
-    #: The values of ``precision``.
-    PRECISIONS = ("float32", "bfloat16")
 
     def __init__(self, threads=None, winograd=True, replay=True, precision="float32",
                  **tuning):
-        if precision not in self.PRECISIONS:
-            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if precision == "bfloat16" and not (AVAILABLE and pairs.supported()):
             raise BackendUnavailable(
                 "precision='bfloat16' needs a CPU with AVX512_BF16 (vdpbf16ps), and Numba "
@@ -244,7 +241,7 @@ class NumbaBackend(Backend):
         """A backend like this one (precision, Winograd, replay, tuning) on ``threads``
         threads."""
         return NumbaBackend(threads=threads, winograd=self.winograd, replay=self.replay,
-                            precision=self.precision, **dataclasses.asdict(self.tuning))
+                            precision=self.precision, **asdict(self.tuning))
 
     @property
     def executor(self):
