@@ -183,15 +183,15 @@ def pack_lanes_pairs(weight):
     o, w, k, _ = weight.shape
     h = w // 2
     lanes = np.arange(VL)
-    out = aligned_empty((o // (2 * VL), k, k, w, VL), np.uint32)
+    two = np.empty((o // (2 * VL), k, k, w, 2, VL), np.float32)   # each lane's two inputs
     for blk in range(o // (2 * VL)):
         for oo in range(w):
             rows = (blk * 2 * VL // w + lanes // h) * w + oo     # output channel per lane
-            first = 2 * (lanes % h)
-            # (VL lanes, ky, kx) -> (ky, kx, VL) for each half of the pairs
-            lo = pairs.round_bf16(weight[rows, first].transpose(1, 2, 0)).astype(np.uint32)
-            hi = pairs.round_bf16(weight[rows, first + 1].transpose(1, 2, 0)).astype(np.uint32)
-            out[blk, :, :, oo, :] = lo | (hi << 16)
+            for i in range(2):
+                # (VL lanes, ky, kx) -> (ky, kx, VL)
+                two[blk, :, :, oo, i] = weight[rows, 2 * (lanes % h) + i].transpose(1, 2, 0)
+    out = aligned_empty((o // (2 * VL), k, k, w, VL), np.uint32)
+    out[:] = pairs.pack(two)[..., 0, :]             # (..., 2, VL) -> (..., 1, VL)
     return out
 
 

@@ -55,10 +55,9 @@ PAIRS = types.CPointer(types.uint32)
 _FIELD_TYPES = {
     "a": (_FLOATS, types.intp, types.intp, types.intp),
     "b": (_FLOATS, types.intp),
-    "c": (types.CPointer(types.float32), types.intp, types.intp, types.boolean),
-    "finish": (types.boolean, types.CPointer(types.float32), types.intp,
-               types.CPointer(types.float32), types.intp, types.intp, types.boolean,
-               types.boolean),
+    "c": (_FLOATS, types.intp, types.intp, types.boolean),
+    "finish": (types.boolean, _FLOATS, types.intp, _FLOATS, types.intp, types.intp,
+               types.boolean, types.boolean),
     "prefetch": (types.intp, types.intp),
 }
 
