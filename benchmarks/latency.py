@@ -16,6 +16,7 @@ machine falls on all of them alike):
 
 ``numres-unplaced`` is numres with its threads neither spinning nor placed
 (``NUMRES_SPIN_US=0``, ``NUMRES_PLACE_THREADS=0``): the hand-offs as they were before.
+``numres-bf16`` is numres in ``precision="bfloat16"`` (on CPUs with AVX512_BF16).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/latency.py
 """
@@ -39,21 +40,37 @@ from numres import bench  # noqa: E402
 from bench import _write_checkpoint, import_torch, reference_contenders  # noqa: E402
 
 
-def numres_variants(arch, ckpt, x, names=("numres", "numres-unplaced")):
-    """numres as shipped, and with spinning and placement off (its own threads; made after
-    the shipped one's, which keeps its settings)."""
+def bf16_runs_here():
+    """Whether numres's bfloat16 precision runs on this CPU."""
+    try:
+        from numres.backends.numba import pairs, tile
+    except ImportError:
+        return False
+    return tile.AVAILABLE and pairs.supported()
+
+
+def numres_names():
+    """The numres contenders this machine runs."""
+    return ("numres", "numres-unplaced") + ("numres-bf16",) * bf16_runs_here()
+
+
+def numres_variants(arch, ckpt, x, names=None):
+    """numres as shipped, with spinning and placement off (its own threads; made after the
+    shipped one's, which keeps its settings), and in bfloat16."""
     from numres.backends.numba import NumbaBackend, background, threads
     background.wait()
     out = []
-    for name, env in (("numres", {}),
-                      ("numres-unplaced", {"NUMRES_SPIN_US": "0",
-                                           "NUMRES_PLACE_THREADS": "0"})):
-        if name not in names:
+    for name, env, precision in (
+            ("numres", {}, "float32"),
+            ("numres-unplaced", {"NUMRES_SPIN_US": "0", "NUMRES_PLACE_THREADS": "0"},
+             "float32"),
+            ("numres-bf16", {}, "bfloat16")):
+        if name not in (names or numres_names()):
             continue
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            backend = NumbaBackend()
+            backend = NumbaBackend(precision=precision)
             if env:
                 # Its own threads, made while the settings hold (the shared ones keep theirs).
                 backend._executor = threads.Executor(backend.threads)
@@ -116,7 +133,7 @@ def main(argv=None):
                 rows = measure(contenders, gaps, args)
             else:
                 rows, notes = [], {}
-                for name in ("numres", "numres-unplaced", "torch-nchw", "onnxruntime"):
+                for name in numres_names() + ("torch-nchw", "onnxruntime"):
                     out = subprocess.run(
                         [sys.executable, os.path.abspath(__file__), "--child", name, ckpt,
                          "--models", arch, "--size", str(args.size), "--gaps", args.gaps,
