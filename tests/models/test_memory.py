@@ -259,6 +259,47 @@ def test_no_limit_never_splits(monkeypatch):
         memory._readings.clear()
 
 
+def test_reading_reused_while_the_pass_is_far_inside_it(monkeypatch):
+    """A pass within AMPLE of the last reading reuses it for AMPLE_TTL s (no file reads on
+    the call after an idle gap); one closer to the limit reads again after TTL s."""
+    model = numres.resnet18(num_classes=4, backend=_backend("numpy"))
+    monkeypatch.delenv("NUMRES_MEMORY_LIMIT", raising=False)
+    reads = []
+    free = [0]
+
+    def host():
+        reads.append(free[0])
+        return free[0], "MemAvailable in x"
+
+    monkeypatch.setattr(memory, "host_available", host)
+    shape = (1, 3, 64, 64)
+    need = memory.estimate_peak_bytes(model, shape)
+
+    def age_reading(seconds):
+        when, value = memory._readings["host"]
+        memory._readings["host"] = (when - seconds, value)
+
+    memory._readings.clear()
+    try:
+        free[0] = int(need / memory.SAFETY / memory.AMPLE) * 2        # ample: 8x the pass
+        assert memory.batch_chunk(model, shape) == 1 and len(reads) == 1
+        age_reading(memory.TTL + 1)
+        assert memory.batch_chunk(model, shape) == 1 and len(reads) == 1     # reused
+        age_reading(memory.AMPLE_TTL)
+        assert memory.batch_chunk(model, shape) == 1 and len(reads) == 2     # too old
+        # Within 4x of the budget: a reading older than TTL is not trusted.
+        free[0] = int(need / memory.SAFETY) * 2
+        memory._readings.clear()
+        assert memory.batch_chunk(model, shape) == 1 and len(reads) == 3
+        age_reading(memory.TTL + 1)
+        free[0] = need // 4                              # memory fell: the pass must not run
+        with pytest.raises(MemoryError):
+            memory.batch_chunk(model, shape)
+        assert len(reads) == 4
+    finally:
+        memory._readings.clear()
+
+
 # -- how much memory there is ------------------------------------------------------------------
 def _tree(root, files):
     for path, text in files.items():
