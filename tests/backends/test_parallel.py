@@ -167,13 +167,13 @@ def _state():
 def test_news_posted_before_the_wait_is_seen_without_blocking():
     state = _state()
     assert pool.post(state, pool._GO, pool._CALLER_CPU) == pool._WAITING
-    assert pool.spin_wait(state, pool._GO, 0, pool._WORKER_CPU, pool._CALLER_CPU)
+    assert pool.spin_wait(state, pool._GO, 0, 0, pool._WORKER_CPU, pool._CALLER_CPU)
 
 
 def test_a_wait_that_times_out_says_block_and_the_poster_must_release():
     state = _state()
     ticks = pool.spin_ticks() // 100 or 1000       # ~10 us: no news comes
-    assert not pool.spin_wait(state, pool._GO, ticks, pool._WORKER_CPU, pool._CALLER_CPU)
+    assert not pool.spin_wait(state, pool._GO, ticks, 0, pool._WORKER_CPU, pool._CALLER_CPU)
     assert state[pool._GO] == pool._SLEEPING
     assert pool.post(state, pool._GO, pool._CALLER_CPU) == pool._SLEEPING
 
@@ -183,13 +183,42 @@ def test_a_spinning_waiter_sees_news_from_another_thread():
     ticks = 200 * (pool.spin_ticks() or 1)          # long: the post must end the wait
     seen = []
     t = threading.Thread(target=lambda: seen.append(
-        pool.spin_wait(state, pool._GO, ticks, pool._WORKER_CPU, pool._CALLER_CPU)))
+        pool.spin_wait(state, pool._GO, ticks, 0, pool._WORKER_CPU, pool._CALLER_CPU)))
     t.start()
     before = pool.post(state, pool._GO, pool._CALLER_CPU)
     t.join(timeout=60)
     # Either the waiter saw the news, or it had stopped spinning (the two threads on one
     # CPU) and the poster was told to release its lock: never neither.
     assert seen == [True] or (seen == [False] and before == pool._SLEEPING)
+
+
+def test_news_seen_while_spinning_is_returned_after_the_grace():
+    state = _state()
+    grace = pool.spin_ticks(pool.GRACE_US) or 1000
+    pool.post(state, pool._GO, pool._CALLER_CPU)
+    t0 = pool._now()
+    assert pool.spin_wait(state, pool._GO, 100 * grace, grace, pool._WORKER_CPU,
+                          pool._CALLER_CPU)
+    assert pool._now() - t0 >= grace or not pool._X86
+
+
+def test_finish_and_wait_posts_then_waits_for_the_next_job():
+    ticks = pool.spin_ticks() // 100 or 1000
+    # The next job already posted: the worker goes on without blocking.
+    state = _state()
+    pool.post(state, pool._GO, pool._CALLER_CPU)
+    assert pool.finish_and_wait(state, ticks, 0) == pool._NEXT_JOB
+    assert state[pool._DONE] == pool._POSTED
+    # No job comes: the state says SLEEPING, so the next post releases the worker's lock.
+    state = _state()
+    assert pool.finish_and_wait(state, ticks, 0) == pool._BLOCK
+    assert state[pool._DONE] == pool._POSTED and state[pool._GO] == pool._SLEEPING
+    assert pool.post(state, pool._GO, pool._CALLER_CPU) == pool._SLEEPING
+    # The caller had blocked on its lock: the worker must release it before waiting.
+    state = _state()
+    state[pool._DONE] = pool._SLEEPING
+    assert pool.finish_and_wait(state, ticks, 0) == pool._CALLER_SLEEPS
+    assert state[pool._DONE] == pool._POSTED and state[pool._GO] == pool._WAITING
 
 
 @pytest.mark.parametrize("spin_us", ["0", "5", "1000"])

@@ -13,7 +13,11 @@ millisecond, and a pool's futures, queue and condition variables cost several ti
 hand-off than a plain lock (``benchmarks/results/numba-design.md``). Each hand-off, to a worker
 and back, is a word in memory that the waiting thread watches for up to ``SPIN_US`` with the
 GIL released (:func:`spin_wait`) before it blocks on its lock: a blocked thread's CPU halts,
-and on a virtual machine waking it goes through the hypervisor. Around each pass
+and on a virtual machine waking it goes through the hypervisor. The GIL itself is such a
+lock: a thread that asks for it while the other holds it sleeps. So a worker posts its news
+and waits for the next job in one call without the GIL (:func:`finish_and_wait`), and takes
+the GIL a moment (``GRACE_US``) after its job is posted, once the caller has gone on into
+its own kernel. Around each pass
 (:meth:`Executor.placed`) the caller stays on its CPU and the workers keep off it; without
 that, after the process idled, Linux put a worker and its caller on one CPU for the whole
 pass. A run already in progress (another Python thread calling a model, or a kernel that
@@ -69,13 +73,14 @@ class _Worker:
     (:func:`spin_wait`); a thread blocks on its lock only after ``spin_ticks`` of that.
     """
 
-    def __init__(self, name, set_local, spin_ticks):
+    def __init__(self, name, set_local, spin_ticks, grace_ticks=0):
         self._go = threading.Lock()
         self._go.acquire()
         self._done = threading.Lock()
         self._done.acquire()
         self._state = handoff_state()
         self._spin = spin_ticks
+        self._grace = grace_ticks
         self._job = None        # (number, fn, start, stop)
         self._number = 0
         self._error = None
@@ -85,19 +90,25 @@ class _Worker:
         threading.Thread(target=self._loop, args=(started,), name=name, daemon=True).start()
         started.wait()
 
+    def _wait_for_job(self):
+        """Spin for the next job; True when it came (else the state says SLEEPING)."""
+        return spin_wait(self._state, _GO, self._spin, self._grace, _WORKER_CPU, _CALLER_CPU)
+
     def _loop(self, started):
         self.native_id = threading.get_native_id()
         started.set()
         self._set_local(1)
         state, last = self._state, 0
+        news = self._wait_for_job()
         while True:
-            if not spin_wait(state, _GO, self._spin, _WORKER_CPU, _CALLER_CPU):
+            if not news:
                 self._go.acquire()
             state[_GO] = _WAITING
             job = self._job
             # None or a job already run: a wake-up (Executor.placed), or a post that arrived
             # after this thread had already taken its job.
             if job is None or job[0] == last:
+                news = self._wait_for_job()
                 continue
             last, fn, start, stop = job
             try:
@@ -108,8 +119,15 @@ class _Worker:
             # reuse once nothing else refers to them.
             job = fn = None
             state[_FINISHED] = last
-            if post(state, _DONE, _WORKER_CPU) == _SLEEPING:
+            # The news, and the wait for the next job, in one call without the GIL: posted
+            # from Python, the caller would wake while this thread still held the GIL, and
+            # block for it (see GRACE_US).
+            found = finish_and_wait(state, self._spin, self._grace)
+            if found == _CALLER_SLEEPS:
                 _release(self._done)
+                news = self._wait_for_job()
+            else:
+                news = found == _NEXT_JOB
 
     def start(self, fn, start, stop):
         self._number += 1
@@ -133,7 +151,7 @@ class _Worker:
         # Checked first, so that a wait interrupted after the news came returns at once
         # when called again.
         while state[_FINISHED] != self._number:
-            if not spin_wait(state, _DONE, self._spin, _CALLER_CPU, _WORKER_CPU):
+            if not spin_wait(state, _DONE, self._spin, 0, _CALLER_CPU, _WORKER_CPU):
                 self._done.acquire()
             state[_DONE] = _WAITING
         self._job = None
@@ -187,7 +205,8 @@ class Executor:
     def _start_workers(self):
         self._busy = threading.Lock()
         ticks = spin_ticks() if self.threads > 1 else 0
-        self._workers = [_Worker(f"numres-{i}", self._set_local, ticks)
+        grace = spin_ticks(GRACE_US) if ticks else 0
+        self._workers = [_Worker(f"numres-{i}", self._set_local, ticks, grace)
                          for i in range(1, self.threads)]
         self._kept_off = None     # (caller's CPU, CPUs) the workers were last placed by
         self._owner = None
@@ -356,6 +375,12 @@ _GO, _DONE, _CALLER_CPU, _WORKER_CPU, _FINISHED = (
     i * COUNTER_STRIDE for i in range(5))
 #: How long (microseconds) a thread spins for the next hand-off before it blocks.
 SPIN_US = 1000
+#: How long (microseconds) a worker goes on spinning once its job is posted, before it takes
+#: the GIL to start it: the caller posts from Python and holds the GIL for a few more
+#: microseconds until its own kernel releases it; a worker that asked for the GIL meanwhile
+#: would block, its CPU halt, and on a virtual machine waking it took 30-45 us, the worker
+#: starting each layer that late.
+GRACE_US = 10
 
 
 @intrinsic
@@ -459,16 +484,20 @@ def post(state, slot, mine):
 
 
 @kernel
-def spin_wait(state, slot, ticks, mine, theirs):
+def spin_wait(state, slot, ticks, grace, mine, theirs):
     """Wait up to ``ticks`` time-stamp-counter ticks for news on ``state[slot]``, spinning
     (called from Python, the GIL is released meanwhile), unless the other thread (its CPU in
-    ``state[theirs]``; this one's is noted in ``state[mine]``) is on this thread's CPU.
+    ``state[theirs]``; this one's is noted in ``state[mine]``) is on this thread's CPU; news
+    that came while spinning is returned ``grace`` ticks later (:data:`GRACE_US`).
     Returns True when the news came; False once the state says SLEEPING, and the caller must
     block on its lock."""
     if ticks > 0 and _X86:        # elsewhere the counter reads 0: never spin
         end = _ticks() + ticks
         while _ticks() < end:
             if _load(state, slot) == _POSTED:
+                seen = _ticks()
+                while _ticks() - seen < grace:
+                    pass
                 return True
             here = _cpu()
             state[mine] = here
@@ -476,6 +505,23 @@ def spin_wait(state, slot, ticks, mine, theirs):
                 break
             _yield_cpu()
     return _compare_exchange(state, slot, _WAITING, _SLEEPING) == _POSTED
+
+
+# What :func:`finish_and_wait` found.
+_BLOCK, _NEXT_JOB, _CALLER_SLEEPS = 0, 1, 2
+
+
+@kernel
+def finish_and_wait(state, ticks, grace):
+    """A worker's news that its job is done, then its wait for the next (``spin_wait``),
+    in one call without the GIL. Returns ``_CALLER_SLEEPS`` when the caller had blocked on
+    its lock (release it, then wait as usual), ``_NEXT_JOB`` when the next job came while
+    spinning, else ``_BLOCK`` (block on the lock; the state says SLEEPING)."""
+    if post(state, _DONE, _WORKER_CPU) == _SLEEPING:
+        return _CALLER_SLEEPS
+    if spin_wait(state, _GO, ticks, grace, _WORKER_CPU, _CALLER_CPU):
+        return _NEXT_JOB
+    return _BLOCK
 
 
 @kernel
@@ -493,7 +539,8 @@ def compile_handoffs():
     """Compile (or load from cache) this module's hand-off kernels (``warmup``)."""
     state = handoff_state()
     post(state, _GO, _CALLER_CPU)
-    spin_wait(state, _GO, 0, _WORKER_CPU, _CALLER_CPU)
+    spin_wait(state, _GO, 0, 0, _WORKER_CPU, _CALLER_CPU)
+    finish_and_wait(handoff_state(), 0, 0)
     current_cpu()
     _now()
 
@@ -501,11 +548,13 @@ def compile_handoffs():
 _spin_rate = []
 
 
-def spin_ticks():
+def spin_ticks(us=None):
     """How many time-stamp-counter ticks a thread spins before it blocks: ``NUMRES_SPIN_US``
-    microseconds (default :data:`SPIN_US`); the counter's rate is measured against the clock
-    once per process. 0 where the CPU is not x86."""
-    seconds = float(os.environ.get("NUMRES_SPIN_US", SPIN_US)) * 1e-6
+    microseconds (default :data:`SPIN_US`), or ``us``; the counter's rate is measured against
+    the clock once per process. 0 where the CPU is not x86."""
+    if us is None:
+        us = os.environ.get("NUMRES_SPIN_US", SPIN_US)
+    seconds = float(us) * 1e-6
     if not _X86 or seconds <= 0:
         return 0
     if not _spin_rate:
