@@ -91,4 +91,6 @@ CONV_CASES = [
     (1, 48, 5, 7, 48, 3, 1, 1, 12),    # 4 per group, 48 channels: 3 vectors, 1.5 of pairs
     (1, 33, 7, 9, 20, 3, 1, 1, 1),     # an odd number of channels (no bf16 pairs)
     (1, 36, 6, 6, 36, 3, 1, 1, 4),     # 9 per group (no bf16 pairs)
+    (1, 64, 7, 7, 64, 3, 1, 1, 2),     # 32 per group, 7x7: whole 7-row grouped tiles
+    (2, 64, 14, 14, 64, 3, 2, 1, 4),   # 16 per group, strided to 7x7, with residual rows
 ]

@@ -34,7 +34,8 @@ VL = TILE.vl
 #: Output pixels per tile of the lanes kernel, per group width (registers: ``tile.py``).
 LANE_ROWS = TILE.lane_rows
 MR_G, NR_G = TILE.grouped_mr, TILE.grouped_nr
-_microkernel_g = make_microkernel(VL, NR_G, (MR_G,), TILE.line)
+MR_GH = TILE.grouped_half_mr
+_microkernel_g = make_microkernel(VL, NR_G, (MR_G, MR_GH), TILE.line)
 
 
 # -- GROUPED_LANES ----------------------------------------------------------------------------
@@ -125,6 +126,12 @@ def _lanes_body(builder, vl, w, mr, kc, rounds, x, a_pstride, b, y, valid, finis
     for half in range(2 if pairs else 1):        # output vectors per tile row
         bias_v = load(bias, builder.add(bias_off, const(half * vl)))
         for i in range(mr):
+            if not pairs:
+                value = builder.fadd(_group_sums(builder, vl, w, results[i * w:i * w + w]),
+                                     bias_v)
+                _store_lanes_row(builder, value, i, y, y_off, ldy, 0, vl, valid, has_res,
+                                 res, relu, zero, vptr)
+                continue
             sums = None
             for t in range(per_group):
                 # lane j takes acc[j % w][((half*vl + j) // w) * per_group + t]: one source
@@ -140,15 +147,48 @@ def _lanes_body(builder, vl, w, mr, kc, rounds, x, a_pstride, b, y, valid, finis
                     part = builder.shuffle_vector(part, results[i * w + o], ir.Constant(
                         ir.VectorType(ir.IntType(32), vl), mask))
                 sums = part if sums is None else builder.fadd(sums, part)
-            value = builder.fadd(sums, bias_v)
-            out_off = builder.add(y_off, builder.add(builder.mul(const(i), ldy),
-                                                     const(half * vl)))
-            with builder.if_then(builder.icmp_signed(">", valid, const(i))):
-                value = builder.select(has_res, builder.fadd(value, load(res, out_off)), value)
-                value = builder.select(relu, builder.select(
-                    builder.fcmp_ordered("<", value, zero), zero, value), value)
-                builder.store(value, builder.bitcast(builder.gep(y, [out_off]), vptr),
-                              align=4)
+            _store_lanes_row(builder, builder.fadd(sums, bias_v), i, y, y_off, ldy, half * vl,
+                             vl, valid, has_res, res, relu, zero, vptr)
+
+
+def _store_lanes_row(builder, value, i, y, y_off, ldy, column, vl, valid, has_res, res, relu,
+                     zero, vptr):
+    """Store tile row ``i``'s output vector at ``column`` (plus the residual, ReLU) if the
+    row is one of the ``valid`` ones."""
+    i64 = ir.IntType(64)
+    out_off = builder.add(y_off, builder.add(builder.mul(ir.Constant(i64, i), ldy),
+                                             ir.Constant(i64, column)))
+    with builder.if_then(builder.icmp_signed(">", valid, ir.Constant(i64, i))):
+        value = builder.select(has_res, builder.fadd(value, builder.load(
+            builder.bitcast(builder.gep(res, [out_off]), vptr), align=4)), value)
+        value = builder.select(relu, builder.select(
+            builder.fcmp_ordered("<", value, zero), zero, value), value)
+        builder.store(value, builder.bitcast(builder.gep(y, [out_off]), vptr), align=4)
+
+
+def _group_sums(builder, vl, w, accumulators):
+    """One vector whose lane (g, o) is the sum over the w lanes of group g of
+    ``accumulators[o]`` (w vectors, w a power of two): a tree of log2(w) levels, each
+    halving the vectors. At the level of bit ``j``, vectors a and b (their numbers differ in
+    bit j) become one whose lane c is ``x[c] + x[c ^ 2^j]`` with x = a where bit j of c is 0,
+    else b: a blend, a two-source permute and an add, 3 (w - 1) operations per pixel where
+    summing each output lane by shuffles took w^2 (w = 8: 21 against 64, as many as the
+    tile's multiply-adds)."""
+    vectors = list(accumulators)
+    lanes = ir.VectorType(ir.IntType(32), vl)
+    bit = w // 2
+    while len(vectors) > 1:
+        half = len(vectors) // 2
+        take_a = [(c % w) & bit == 0 for c in range(vl)]
+        blend = ir.Constant(lanes, [c if a else vl + c for c, a in zip(range(vl), take_a)])
+        partner = ir.Constant(lanes, [(c ^ bit) if a else vl + (c ^ bit)
+                                      for c, a in zip(range(vl), take_a)])
+        vectors = [builder.fadd(
+            builder.shuffle_vector(vectors[o], vectors[o + half], blend),
+            builder.shuffle_vector(vectors[o], vectors[o + half], partner))
+            for o in range(half)]
+        bit //= 2
+    return vectors[0]
 
 
 _lanes = make_lanes_kernel(VL, LANE_ROWS)
@@ -265,10 +305,16 @@ def pack_grouped(w, groups, bf16=False):
     return packed
 
 
+def grouped_tile_rows(out_w):
+    """The grouped kernel's tile height for output rows ``out_w`` pixels wide: ``MR_GH``
+    where it wastes fewer rows than ``MR_G`` (7x7 maps: 7 of 7 rather than 7 of 14)."""
+    return MR_GH if -(-out_w // MR_GH) * MR_GH < -(-out_w // MR_G) * MR_G else MR_G
+
+
 @kernel
-def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, y2, c):
+def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, y2, c, mr):
     """A grouped convolution of output rows [r0, r1), per group a direct convolution like
-    ``direct.conv_direct``.
+    ``direct.conv_direct``, in tiles of ``mr`` pixels (:func:`grouped_tile_rows`).
 
     For kernel row ``ky``, the group's ``Cin/G`` channels of one pixel are contiguous and the
     next ``kx`` is ``C`` floats further: the microkernel walks them in ``k`` runs, and the
@@ -281,8 +327,8 @@ def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, 
     _, panels, kdim, _ = bp.shape
     w_in = ch // groups
     w_out = n_out // groups
-    tiles = (out_w + MR_G - 1) // MR_G
-    whole_tiles = out_w // MR_G
+    tiles = (out_w + mr - 1) // mr
+    whole_tiles = out_w // mr
     x_ptr, b_ptr, c_ptr = data_ptr(xp), data_ptr(bp), data_ptr(c)
     y_ptr, bias_ptr = data_ptr(y2), data_ptr(bias)
     res_ptr = data_ptr(residual) if has_residual else y_ptr
@@ -295,23 +341,23 @@ def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, 
                 b_base = (g * panels + jp) * kdim * NR_G
                 for t in range(tiles):
                     direct = t < whole_tiles and width == NR_G
-                    out = (r * out_w + t * MR_G) * n_out + col
+                    out = (r * out_w + t * mr) * n_out + col
                     for ky in range(k):
-                        a = Rows(x_ptr, (((n * hp + oy * stride + ky) * wp + t * MR_G * stride)
+                        a = Rows(x_ptr, (((n * hp + oy * stride + ky) * wp + t * mr * stride)
                                          * ch + g * w_in), stride * ch, ch)
                         b_off = b_base + ky * k * w_in * NR_G
                         if direct:
-                            _microkernel_g(MR_G, w_in, k, a, Panel(b_ptr, b_off),
+                            _microkernel_g(mr, w_in, k, a, Panel(b_ptr, b_off),
                                            Out(y_ptr, out, n_out, ky > 0),
                                            Finish(ky == k - 1, bias_ptr, col, res_ptr, out,
                                                   n_out, has_residual, relu),
                                            Prefetch(b_off, 0))
                         else:
-                            _microkernel_g(MR_G, w_in, k, a, Panel(b_ptr, b_off),
-                                           Out(c_ptr, t * MR_G * NR_G, NR_G, ky > 0),
+                            _microkernel_g(mr, w_in, k, a, Panel(b_ptr, b_off),
+                                           Out(c_ptr, t * mr * NR_G, NR_G, ky > 0),
                                            plain(c_ptr), Prefetch(b_off, 0))
                 # Ragged tiles: from the scratch, with the epilogue, the valid part only.
-                first = 0 if width < NR_G else whole_tiles * MR_G
+                first = 0 if width < NR_G else whole_tiles * mr
                 for ox in range(first, out_w):
                     m = r * out_w + ox
                     for j in range(width):
@@ -343,7 +389,7 @@ def multiply_direct(ex, xp, conv, epi, y):
     def work(r0, r1):
         scratch = thread_scratch("grouped_c", (width, NR_G))
         grouped_direct(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w, conv.groups,
-                       conv.weight, o, epi, y2, scratch)
+                       conv.weight, o, epi, y2, scratch, grouped_tile_rows(out_w))
     ex.run(n * out_h, work)
 
 

@@ -109,6 +109,13 @@ class Tile:
         return min(self.mr * self.vectors, GROUPED_MAX_ROWS)
 
     @property
+    def grouped_half_mr(self):
+        """Rows of the grouped kernel's short tile: one row of ResNet's deepest maps
+        (:data:`DEEPEST_ROW`), where that is shorter than the grouped tile (7 of 7 rows
+        rather than 7 of 14 at 7x7)."""
+        return min(DEEPEST_ROW, self.grouped_mr)
+
+    @property
     def grouped_nr(self):
         """Columns of the grouped tile: one vector (groups have 4 to 64 output channels)."""
         return self.vl
@@ -117,7 +124,8 @@ class Tile:
         """``(name, mr, nr)`` of every tile the kernels use."""
         return (("main", self.mr, self.nr), ("short", self.short_mr, self.nr),
                 ("half", self.half_mr, self.nr),
-                ("grouped", self.grouped_mr, self.grouped_nr))
+                ("grouped", self.grouped_mr, self.grouped_nr),
+                ("grouped half", self.grouped_half_mr, self.grouped_nr))
 
 
 #: AVX-512: 14 x 32 (28 accumulators + 2 weight vectors + 1 broadcast = 31 of 32 registers);
