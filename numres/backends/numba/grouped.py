@@ -121,34 +121,26 @@ def _lanes_body(builder, vl, w, mr, kc, rounds, x, a_pstride, b, y, valid, finis
         return new
 
     results = register_loop(builder, vec, kc, rounds, mr * w, start_run, step)
-    # Lanes per group in an accumulator: w inputs, or w/2 pairs of them.
-    per_group = w // 2 if pairs else w
-    for half in range(2 if pairs else 1):        # output vectors per tile row
-        bias_v = load(bias, builder.add(bias_off, const(half * vl)))
-        for i in range(mr):
-            if not pairs:
-                value = builder.fadd(_group_sums(builder, vl, w, results[i * w:i * w + w]),
-                                     bias_v)
-                _store_lanes_row(builder, value, i, y, y_off, ldy, 0, vl, valid, has_res,
-                                 res, relu, zero, vptr)
-                continue
-            sums = None
-            for t in range(per_group):
-                # lane j takes acc[j % w][((half*vl + j) // w) * per_group + t]: one source
-                # per shuffle step
-                def source(j):
-                    return (half * vl + j) // w * per_group + t
-                part = results[i * w]
-                lanes = [source(j) if j % w == 0 else j for j in range(vl)]
-                part = builder.shuffle_vector(part, part, ir.Constant(
-                    ir.VectorType(ir.IntType(32), vl), lanes))
-                for o in range(1, w):
-                    mask = [vl + source(j) if j % w == o else j for j in range(vl)]
-                    part = builder.shuffle_vector(part, results[i * w + o], ir.Constant(
-                        ir.VectorType(ir.IntType(32), vl), mask))
-                sums = part if sums is None else builder.fadd(sums, part)
-            _store_lanes_row(builder, builder.fadd(sums, bias_v), i, y, y_off, ldy, half * vl,
-                             vl, valid, has_res, res, relu, zero, vptr)
+    lanes = ir.VectorType(ir.IntType(32), vl)
+    for i in range(mr):
+        acc = results[i * w:i * w + w]
+        if not pairs:
+            # One vector: lane (g, o) is output o of group g.
+            outputs = [_group_sums(builder, vl, w, acc)]
+        else:
+            # A group's w/2 pair lanes sum to two vectors, lane (g, c) of vector e being
+            # output 2c + e; each output vector (half H, lane j: channel H*vl + j, group
+            # (H*vl + j) // w, output o = j % w) picks its lanes from the two.
+            even, odd = _group_sums(builder, vl, w // 2, acc)
+            outputs = []
+            for half in range(2):
+                mask = [(j % w) % 2 * vl + (half * vl + j) // w * (w // 2) + (j % w) // 2
+                        for j in range(vl)]
+                outputs.append(builder.shuffle_vector(even, odd, ir.Constant(lanes, mask)))
+        for half, value in enumerate(outputs):
+            bias_v = load(bias, builder.add(bias_off, const(half * vl)))
+            _store_lanes_row(builder, builder.fadd(value, bias_v), i, y, y_off, ldy,
+                             half * vl, vl, valid, has_res, res, relu, zero, vptr)
 
 
 def _store_lanes_row(builder, value, i, y, y_off, ldy, column, vl, valid, has_res, res, relu,
@@ -166,20 +158,21 @@ def _store_lanes_row(builder, value, i, y, y_off, ldy, column, vl, valid, has_re
         builder.store(value, builder.bitcast(builder.gep(y, [out_off]), vptr), align=4)
 
 
-def _group_sums(builder, vl, w, accumulators):
-    """One vector whose lane (g, o) is the sum over the w lanes of group g of
-    ``accumulators[o]`` (w vectors, w a power of two): a tree of log2(w) levels, each
-    halving the vectors. At the level of bit ``j``, vectors a and b (their numbers differ in
-    bit j) become one whose lane c is ``x[c] + x[c ^ 2^j]`` with x = a where bit j of c is 0,
-    else b: a blend, a two-source permute and an add, 3 (w - 1) operations per pixel where
-    summing each output lane by shuffles took w^2 (w = 8: 21 against 64, as many as the
-    tile's multiply-adds)."""
+def _group_sums(builder, vl, size, accumulators):
+    """Sums over groups of ``size`` lanes (a power of two) of the ``len(accumulators)``
+    vectors (a multiple of it): a tree of log2(size) levels, each halving the vectors, to
+    ``len / size`` vectors where lane (g, c) of vector e holds the sum over group g's lanes
+    of ``accumulators[e + c * len / size]`` (size = len = w: one vector, lane (g, o) output
+    o). At the level of bit ``j``, vectors a and b become one whose lane c is
+    ``x[c] + x[c ^ j]``, x = a where bit j of c is 0, else b: a blend, a two-source permute
+    and an add, 3 (w - 1) operations per pixel where summing each output lane by shuffles
+    took w^2 (w = 8: 21 against 64, as many as the tile's multiply-adds)."""
     vectors = list(accumulators)
     lanes = ir.VectorType(ir.IntType(32), vl)
-    bit = w // 2
-    while len(vectors) > 1:
+    bit = size // 2
+    while bit:
         half = len(vectors) // 2
-        take_a = [(c % w) & bit == 0 for c in range(vl)]
+        take_a = [(c % size) & bit == 0 for c in range(vl)]
         blend = ir.Constant(lanes, [c if a else vl + c for c, a in zip(range(vl), take_a)])
         partner = ir.Constant(lanes, [(c ^ bit) if a else vl + (c ^ bit)
                                       for c, a in zip(range(vl), take_a)])
@@ -188,7 +181,7 @@ def _group_sums(builder, vl, w, accumulators):
             builder.shuffle_vector(vectors[o], vectors[o + half], partner))
             for o in range(half)]
         bit //= 2
-    return vectors[0]
+    return vectors if len(vectors) > 1 else vectors[0]
 
 
 _lanes = make_lanes_kernel(VL, LANE_ROWS)
