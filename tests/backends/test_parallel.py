@@ -236,6 +236,51 @@ def test_many_hand_offs_spinning_or_blocking(monkeypatch, spin_us):
     assert (acc == 2000).all()
 
 
+def test_passes_whose_threads_keep_waiting_for_each_other_make_the_next_ones_run_alone():
+    """Another process busy on the worker's CPU: the worker is off its CPU for a time slice
+    in every run while the caller waits. Two such passes make the next passes run in the
+    caller alone for a while; then both threads are tried again."""
+    executor = _two_threads()
+    if not executor._workers[0].spins:
+        pytest.skip("hand-offs do not spin here (not x86): contention is never judged")
+    caller = threading.get_ident()
+    # The worker starts each job 3 ms late (as when it is off its CPU at the hand-off).
+    executor._workers[0]._grace = pool.spin_ticks(3000)
+    for expected in (False, True):
+        with executor.placed():
+            for _ in range(pool.CONTENDED_RUNS):
+                executor.run(2, lambda a, b: None)
+        assert executor.contended == expected
+    executor._workers[0]._grace = 0
+    assert executor._backoff == 2 * pool.SOLO_S[0]
+    seen = []
+    with executor.placed():
+        executor.run(4, lambda a, b: seen.append((threading.get_ident(), a, b)))
+    assert seen == [(caller, 0, 4)]         # one call, in the caller
+    # The solo time over, a pass with little waiting brings the first wait back.
+    executor._solo_until = 0.0
+    executor._note_contention(0.1, 1.0, pool.CONTENDED_RUNS)
+    assert not executor.contended and executor._backoff == pool.SOLO_S[0]
+
+
+@pytest.mark.parametrize("idle, runs, contended", [
+    (0.2, 57, False), (1.1, 57, False), (1.8, 57, True), (1.8, 7, False)])  # 7: too few
+def test_what_counts_as_contended(idle, runs, contended):
+    """Idle seconds per second of a pass (batch 1 on 2 CPUs: 0.1-0.2 on an idle machine,
+    1.8 with another process busy on one CPU); it takes two such passes in a row, or one
+    while the CPUs were found taken recently."""
+    executor = _two_threads()
+    if not executor._workers[0].spins:
+        pytest.skip("hand-offs do not spin here (not x86): contention is never judged")
+    executor._note_contention(idle, 1.0, runs)
+    assert not executor.contended                   # one pass may be a hiccup
+    executor._note_contention(idle, 1.0, runs)
+    assert executor.contended == contended
+    for _ in range(10):                             # the wait doubles up to its limit
+        executor._note_contention(idle, 1.0, runs)
+    assert executor._backoff == (pool.SOLO_S[1] if contended else pool.SOLO_S[0])
+
+
 def _affinity_settable():
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         return False

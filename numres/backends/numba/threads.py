@@ -73,7 +73,10 @@ class _Worker:
     (:func:`spin_wait`); a thread blocks on its lock only after ``spin_ticks`` of that.
     """
 
-    def __init__(self, name, set_local, spin_ticks, grace_ticks=0):
+    def __init__(self, name, set_local, spin_ticks, grace_ticks=0, times=None):
+        # Seconds the caller waited for workers, and the workers ran jobs (Executor.placed
+        # resets both at the start of a pass).
+        self._times = [0.0, 0.0] if times is None else times
         self._go = threading.Lock()
         self._go.acquire()
         self._done = threading.Lock()
@@ -89,6 +92,11 @@ class _Worker:
         self.native_id = None
         threading.Thread(target=self._loop, args=(started,), name=name, daemon=True).start()
         started.wait()
+
+    @property
+    def spins(self):
+        """Whether hand-offs spin before they block (x86, ``NUMRES_SPIN_US`` > 0)."""
+        return self._spin > 0
 
     def _wait_for_job(self):
         """Spin for the next job; True when it came (else the state says SLEEPING)."""
@@ -111,10 +119,12 @@ class _Worker:
                 news = self._wait_for_job()
                 continue
             last, fn, start, stop = job
+            began = time.perf_counter()
             try:
                 fn(start, stop)
             except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
                 self._error = exc
+            self._times[1] += time.perf_counter() - began
             # Drop the job now: it holds the layer's buffers, which the workspace may only
             # reuse once nothing else refers to them.
             job = fn = None
@@ -206,7 +216,14 @@ class Executor:
         self._busy = threading.Lock()
         ticks = spin_ticks() if self.threads > 1 else 0
         grace = spin_ticks(GRACE_US) if ticks else 0
-        self._workers = [_Worker(f"numres-{i}", self._set_local, ticks, grace)
+        # Seconds in this pass the caller waited for workers and the workers ran jobs, and
+        # runs shared out (:meth:`_note_contention`).
+        self._times, self._runs = [0.0, 0.0], 0
+        self._solo = False          # this pass runs in the caller alone
+        self._solo_until = 0.0      # time.monotonic() until which passes run alone
+        self._backoff = SOLO_S[0]
+        self._suspect = False       # the last pass looked contended
+        self._workers = [_Worker(f"numres-{i}", self._set_local, ticks, grace, self._times)
                          for i in range(1, self.threads)]
         self._kept_off = None     # (caller's CPU, CPUs) the workers were last placed by
         self._owner = None
@@ -224,20 +241,33 @@ class Executor:
         each too recently run ("cache hot") for the load balancer to move: a 0.25 s pause
         made ResNet-50 at batch 1 1.8x slower on 2 CPUs
         (``benchmarks/results/numba-design.md``). Only the first of concurrent passes is
-        placed; ``NUMRES_PLACE_THREADS=0`` leaves placement to the scheduler.
+        placed; ``NUMRES_PLACE_THREADS=0`` leaves placement to the scheduler. While other
+        processes take our CPUs (:attr:`contended`), passes run in the caller alone, not
+        placed.
         """
         me = threading.get_ident()
         with self._owner_lock:
-            mine = bool(self._place and self._workers) and self._owner is None
+            mine = bool(self._workers) and self._owner is None
             if mine:
                 self._owner = me
         if not mine:
             yield
             return
+        if time.monotonic() < self._solo_until:
+            # Contended: the caller alone, wherever the scheduler finds room for it.
+            self._solo = True
+            try:
+                yield
+            finally:
+                self._solo = False
+                self._owner = None
+            return
+        runs, start = self._runs, time.perf_counter()
+        self._times[:] = [0.0, 0.0]
         previous = None
         try:
             try:
-                cpu = current_cpu()
+                cpu = current_cpu() if self._place else -1
                 if cpu >= 0:
                     cpus = os.sched_getaffinity(0)
                     self._keep_off(cpu, cpus)
@@ -252,11 +282,44 @@ class Executor:
                 finally:
                     self._busy.release()
             yield
+            wall = time.perf_counter() - start
+            waited, worked = self._times
+            idle = waited + len(self._workers) * wall - worked
+            self._note_contention(idle, wall, self._runs - runs)
         finally:
             if previous is not None:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(0, previous)
             self._owner = None
+
+    def _note_contention(self, idle, wall, runs):
+        """After a pass of ``wall`` seconds and ``runs`` shared runs, in which the threads
+        were ``idle`` seconds in all (the caller waiting for workers, workers between jobs).
+
+        Where other processes keep our CPUs busy, threads wait for each other at every
+        hand-off while the one they wait for is off its CPU. ResNet-50 at batch 1 on 2 CPUs
+        (``benchmarks/contended.py``): idle machine 0.15-0.2 s idle per second of the pass;
+        one process busy on one CPU 0.75-1.0 (two threads 40-43 ms, one 36 ms); one busy
+        process on each CPU ~1.0 (63 ms, one thread 68 ms); two on each 1.7 (192 ms, one
+        thread 117 ms). Two passes in a row idle :data:`CONTENDED_IDLE` s per second (one,
+        while passes that try both threads again still find the CPUs taken) make passes run
+        in the caller alone for ``SOLO_S[0]`` s, doubling up to ``SOLO_S[1]`` s while it
+        lasts.
+        """
+        if runs < CONTENDED_RUNS or not self._workers[0].spins:
+            return      # too short to judge, or every wait blocks (no spinning)
+        if idle < CONTENDED_IDLE * wall:
+            self._suspect, self._backoff = False, SOLO_S[0]
+        elif self._suspect or self._backoff > SOLO_S[0]:
+            self._solo_until = time.monotonic() + self._backoff
+            self._backoff = min(2 * self._backoff, SOLO_S[1])
+        else:
+            self._suspect = True        # one slow pass may be a hiccup of the machine
+
+    @property
+    def contended(self):
+        """Whether passes now run in the caller alone (:meth:`_note_contention`)."""
+        return time.monotonic() < self._solo_until
 
     def _keep_off(self, cpu, cpus):
         """Let the workers run on any of ``cpus`` but ``cpu`` (system calls only when these
@@ -303,6 +366,11 @@ class Executor:
         if parts < 2:
             fn(0, total)
             return
+        if self._solo:
+            with self.single_threaded_blas():
+                fn(0, total)
+            return
+        self._runs += 1
         if not self._busy.acquire(blocking=False):
             # The workers are taken (another caller, or a nested run): do it all here.
             with self.single_threaded_blas():
@@ -318,7 +386,9 @@ class Executor:
                 with self.single_threaded_blas():
                     fn(bounds[0], bounds[1])
             finally:
+                waiting = time.perf_counter()
                 errors = _wait_all(started)
+                self._times[0] += time.perf_counter() - waiting
             for error in errors:
                 if error is not None:
                     raise error
@@ -381,6 +451,13 @@ SPIN_US = 1000
 #: would block, its CPU halt, and on a virtual machine waking it took 30-45 us, the worker
 #: starting each layer that late.
 GRACE_US = 10
+#: A pass of at least this many shared runs is judged for contention
+#: (:meth:`Executor._note_contention`): contended where its threads were idle (waiting for
+#: each other) this many seconds per second of the pass.
+CONTENDED_RUNS = 8
+CONTENDED_IDLE = 1.2
+#: Seconds contended passes run in the caller alone: the first time, and at most.
+SOLO_S = (0.5, 16.0)
 
 
 @intrinsic
@@ -439,10 +516,13 @@ def _libc_call(name):
     return call
 
 
-# A thread that spins lets any other thread on its CPU run between checks; and it stops
-# spinning when the thread it waits for is on its CPU (the other can only progress if it
-# blocks, and waking a blocked thread lets the scheduler move it to an idle CPU).
-_yield_cpu = _libc_call("sched_yield")
+# A spinning thread stops when the thread it waits for is on its CPU (the other can only
+# progress if it blocks, and waking a blocked thread lets the scheduler move it to an idle
+# CPU). It does not yield between checks: with another process busy on its CPU, each
+# sched_yield handed that process the CPU for a whole time slice, so the worker was off
+# its CPU at nearly every hand-off (ResNet-50 at batch 1 on 2 CPUs, one CPU busy: 228 ms a
+# pass, 40-43 ms without the yield, 36 ms on one thread; on an idle machine, interleaved
+# against the yielding spin: 1.02-1.06x back to back, 1.00-1.09x after 0.25 s and 2 s).
 _cpu = _libc_call("sched_getcpu")
 
 
@@ -503,7 +583,6 @@ def spin_wait(state, slot, ticks, grace, mine, theirs):
             state[mine] = here
             if here >= 0 and here == _load(state, theirs):
                 break
-            _yield_cpu()
     return _compare_exchange(state, slot, _WAITING, _SLEEPING) == _POSTED
 
 
