@@ -6,7 +6,8 @@ the time or half of it), then times calls of every contender, interleaved, in th
 
 * idle: nothing else running;
 * busy on CPU k: a process spinning on CPU k (each CPU in turn);
-* half busy on CPU k: busy 5 ms, asleep 5 ms, on CPU k.
+* half busy on CPU k: busy 5 ms, asleep 5 ms, on CPU k;
+* two busy on every CPU: the machine oversubscribed.
 
 Reported: the median and the 90th percentile of the calls. numres runs passes in the calling
 thread alone while it finds its threads kept waiting for each other (``threads.py``:
@@ -39,12 +40,12 @@ _BUSY = {"busy": "while True:\n    pass\n",
                        "    time.sleep(0.005)\n")}
 
 
-def start_busy(kind, cpu):
-    """A process pinned to ``cpu`` running the ``kind`` loop."""
-    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\n" + _BUSY[kind]
-    proc = subprocess.Popen([sys.executable, "-c", code])
+def start_busy(kind, cpus):
+    """A process pinned to each of ``cpus`` running the ``kind`` loop."""
+    procs = [subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, "
+                               f"{{{cpu}}})\n" + _BUSY[kind]]) for cpu in cpus]
     time.sleep(0.3)                                  # pinned and running
-    return proc
+    return procs
 
 
 def numres_contenders(arch, ckpt, x):
@@ -95,8 +96,9 @@ def main(argv=None):
         torch=torch_mods[0].__version__ if torch_mods else note,
         onnxruntime=bench.version("onnxruntime")))
     cpus = sorted(os.sched_getaffinity(0))
-    cases = [("idle", None)] + [(f"{kind} on CPU {cpu}", (kind, cpu))
-                                for kind in _BUSY for cpu in cpus]
+    cases = [("idle", None)] + [(f"{kind} on CPU {cpu}", (kind, [cpu]))
+                                for kind in _BUSY for cpu in cpus] \
+        + [("two busy on every CPU", ("busy", cpus * 2))]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
@@ -109,11 +111,11 @@ def main(argv=None):
             contenders += [c for c in others if c.name != "torch-cl"]
             rows = {}
             for case, busy in cases:
-                proc = start_busy(*busy) if busy else None
+                procs = start_busy(*busy) if busy else []
                 try:
                     rows[case] = measure(contenders, args.calls)
                 finally:
-                    if proc is not None:
+                    for proc in procs:
                         proc.kill()
                         proc.wait()
             results.append(report(arch, args, [c.name for c in contenders], rows, notes))
