@@ -26,6 +26,7 @@ from .._base import nbytes
 from .._workspace import aligned_empty, thread_scratch
 from . import padding, pairs
 from .kernels import kernel
+from .threads import next_block, work_counters
 from .microkernel import (PAIRS, Finish, Out, Panel, Prefetch, Rows, data_ptr,
                           make_microkernel, multiply_add, plain, record_values, register_loop)
 from .tile import TILE
@@ -261,16 +262,30 @@ def run_lanes(be, x, conv, epi, y):
     be.step(multiply_lanes, be.executor, xp, conv, epi, y)
 
 
+@kernel
+def lanes_rows(counters, part, parts, rows, xp, k, stride, out_h, out_w, w, mr, bp, n_out,
+               epi, y2):
+    """:func:`grouped_lanes` on the output rows thread ``part`` of ``parts`` claims one at a
+    time (``threads.next_block``)."""
+    while True:
+        r = next_block(counters, part, parts, rows)
+        if r < 0:
+            return
+        grouped_lanes(r, r + 1, xp, k, stride, out_h, out_w, w, mr, bp, n_out, epi, y2)
+
+
 def multiply_lanes(ex, xp, conv, epi, y):
-    """Threads split the output rows (:func:`grouped_lanes`)."""
+    """Threads claim output rows (:func:`lanes_rows`): a static half each made every layer
+    wait for the slower of two virtual CPUs."""
     n, out_h, out_w, o = y.shape
     y2 = y.reshape(n * out_h * out_w, o)          # (N*oh*ow, O): one row per pixel
     w = o // conv.groups
+    counters = work_counters(ex.threads)
 
-    def work(r0, r1):
-        grouped_lanes(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w, w,
-                      LANE_ROWS[w], conv.weight, o, epi, y2)
-    ex.run(n * out_h, work)
+    def work(part, parts):
+        lanes_rows(counters, part, parts, n * out_h, xp, conv.kernel_size, conv.stride, out_h,
+                   out_w, w, LANE_ROWS[w], conv.weight, o, epi, y2)
+    ex.share(work)
 
 
 def lanes_events(conv, x, y, threads, tuning):
@@ -373,17 +388,32 @@ def _scratch_width(out_w):
     return -(-out_w // MR_G) * MR_G
 
 
+@kernel
+def direct_rows(counters, part, parts, rows, xp, k, stride, out_h, out_w, groups, bp, n_out,
+                epi, y2, c, mr):
+    """:func:`grouped_direct` on the output rows thread ``part`` of ``parts`` claims one at
+    a time (``threads.next_block``)."""
+    while True:
+        r = next_block(counters, part, parts, rows)
+        if r < 0:
+            return
+        grouped_direct(r, r + 1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, y2, c,
+                       mr)
+
+
 def multiply_direct(ex, xp, conv, epi, y):
-    """Threads split the output rows (:func:`grouped_direct`)."""
+    """Threads claim output rows (:func:`direct_rows`)."""
     n, out_h, out_w, o = y.shape
     y2 = y.reshape(n * out_h * out_w, o)          # (N*oh*ow, O): one row per pixel
     width = _scratch_width(out_w)
+    counters = work_counters(ex.threads)
 
-    def work(r0, r1):
+    def work(part, parts):
         scratch = thread_scratch("grouped_c", (width, NR_G))
-        grouped_direct(r0, r1, xp, conv.kernel_size, conv.stride, out_h, out_w, conv.groups,
-                       conv.weight, o, epi, y2, scratch, grouped_tile_rows(out_w))
-    ex.run(n * out_h, work)
+        direct_rows(counters, part, parts, n * out_h, xp, conv.kernel_size, conv.stride,
+                    out_h, out_w, conv.groups, conv.weight, o, epi, y2, scratch,
+                    grouped_tile_rows(out_w))
+    ex.share(work)
 
 
 def direct_events(conv, x, y, threads, tuning):
