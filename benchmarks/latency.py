@@ -13,6 +13,10 @@ machine falls on all of them alike):
   as long as the contender's own back-to-back call on average, so it is busy half the time;
   latency is the call (p50, p99). (Requests arriving on their own clock would add queueing:
   at half load a single server's p99 is several times its p50 whatever the server does.)
+  The contenders' streams run in turns of :data:`STREAM_TURN` requests, each turn after
+  0.1 s (ONNX Runtime's threads spin for 10-30 ms after a call) and an untimed call, so
+  that a slow spell of the machine falls on all of them alike rather than on whichever
+  streamed then.
 
 ``numres-unplaced`` is numres with its threads neither spinning nor placed
 (``NUMRES_SPIN_US=0``, ``NUMRES_PLACE_THREADS=0``): the hand-offs as they were before.
@@ -88,6 +92,10 @@ def timed(fn):
     return time.perf_counter() - t
 
 
+#: Requests a contender's stream runs before the next contender's turn.
+STREAM_TURN = 20
+
+
 def stream(fn, service, requests, rng):
     """Call times of ``requests`` calls, each after an exponential gap of mean ``service``."""
     latencies = []
@@ -95,6 +103,19 @@ def stream(fn, service, requests, rng):
         time.sleep(gap)
         latencies.append(timed(fn))
     return np.array(latencies)
+
+
+def streams(contenders, services, requests, rng):
+    """Each contender's :func:`stream` of ``requests``, run in turns of :data:`STREAM_TURN`
+    requests: ``{name: call times}``."""
+    out = {c.name: [] for c in contenders}
+    for start in range(0, requests, STREAM_TURN):
+        for c in contenders:
+            time.sleep(0.1)         # the last contender's spinning threads are quiet
+            c.fn()                  # untimed: this turn starts as a stream goes on
+            out[c.name].append(stream(c.fn, services[c.name],
+                                      min(STREAM_TURN, requests - start), rng))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
 def main(argv=None):
@@ -183,11 +204,11 @@ def measure(contenders, gaps, args):
         if gap:
             time.sleep(gap)
         times.setdefault((c.name, gap), []).append(timed(c.fn))
-    rng = np.random.default_rng(1)
+    bases = {c.name: float(np.median(times[(c.name, 0.0)])) for c in contenders}
+    lats = streams(contenders, bases, args.requests, np.random.default_rng(1))
     rows = []
     for c in contenders:
-        base = float(np.median(times[(c.name, 0.0)]))
-        lat = stream(c.fn, base, args.requests, rng)
+        base, lat = bases[c.name], lats[c.name]
         row = {"contender": c.name, "back_to_back_ms": base * 1e3,
                "after_gap_ms": {str(g): float(np.median(times[(c.name, g)])) * 1e3
                                 for g in gaps},
