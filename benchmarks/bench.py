@@ -106,13 +106,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child)
-    torch_mods, torch_note = (None, "disabled") if args.no_torch else import_torch()
-    if torch_mods:
-        torch_mods[0].set_num_threads(default_threads())
+    torch_mods, env, peak_before = start_report(not args.no_torch)
     backends = [b for b in args.backends.split(",") if b]
-    env, peak_before = bench.header(bench.environment(
-        torch=torch_mods[0].__version__ if torch_mods else torch_note,
-        onnxruntime=bench.version("onnxruntime")))
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,6 +187,27 @@ def run_config(arch, batch, size, ckpt, torch_mods, backends, tmp, args, peak):
             "rows": rows, "notes": notes,
             "layers": [{"op": label, "count": count, "ms": s * 1e3}
                        for label, count, s in breakdown]}
+
+
+def start_report(with_torch=True):
+    """torch (on numres's thread count) where it imports, and the report's header printed:
+    ``(torch_mods or None, environment, sgemm peak)``."""
+    torch_mods, torch_note = import_torch() if with_torch else (None, "disabled")
+    if torch_mods:
+        torch_mods[0].set_num_threads(default_threads())
+    env, peak = bench.header(bench.environment(
+        torch=torch_mods[0].__version__ if torch_mods else torch_note,
+        onnxruntime=bench.version("onnxruntime")))
+    return torch_mods, env, peak
+
+
+def checkpoint_and_input(arch, tmp, torch_mods, batch, size):
+    """Random ``arch`` weights saved in ``tmp`` (torch's initialisation where it imports),
+    and a standard-normal (batch, 3, size, size) float32 input: ``(path, x)``."""
+    ckpt = os.path.join(tmp, f"{arch}.pth")
+    _write_checkpoint(arch, ckpt, torch_mods)
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    return ckpt, x
 
 
 def _write_checkpoint(arch, path, torch_mods):

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 import numres  # noqa: E402
 from numres import bench  # noqa: E402
-from bench import _write_checkpoint, import_torch, reference_contenders  # noqa: E402
+from bench import checkpoint_and_input, reference_contenders, start_report  # noqa: E402
 
 _BUSY = {"busy": "while True:\n    pass\n",
          "half busy": ("import time\nwhile True:\n    t = time.perf_counter()\n"
@@ -89,12 +89,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not hasattr(os, "sched_setaffinity"):
         raise SystemExit("contended.py pins its busy processes to one CPU: Linux only")
-    torch_mods, note = import_torch()
-    if torch_mods:
-        torch_mods[0].set_num_threads(numres.backends.default_threads())
-    env, _ = bench.header(bench.environment(
-        torch=torch_mods[0].__version__ if torch_mods else note,
-        onnxruntime=bench.version("onnxruntime")))
+    torch_mods, env, _ = start_report()
     cpus = sorted(os.sched_getaffinity(0))
     cases = [("idle", None)] + [(f"{kind} on CPU {cpu}", (kind, [cpu]))
                                 for kind in _BUSY for cpu in cpus] \
@@ -102,10 +97,7 @@ def main(argv=None):
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
-            ckpt = os.path.join(tmp, f"{arch}.pth")
-            _write_checkpoint(arch, ckpt, torch_mods)
-            x = np.random.default_rng(0).standard_normal(
-                (args.batch, 3, args.size, args.size)).astype(np.float32)
+            ckpt, x = checkpoint_and_input(arch, tmp, torch_mods, args.batch, args.size)
             contenders = numres_contenders(arch, ckpt, x)
             others, notes = reference_contenders(arch, ckpt, torch_mods, tmp, x)
             contenders += [c for c in others if c.name != "torch-cl"]

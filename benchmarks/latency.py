@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 
 import numres  # noqa: E402
 from numres import bench  # noqa: E402
-from bench import _write_checkpoint, import_torch, reference_contenders  # noqa: E402
+from bench import (checkpoint_and_input, import_torch, reference_contenders,  # noqa: E402
+                   start_report)
 
 
 def bf16_runs_here():
@@ -133,20 +134,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.child:
         return child(args)
-    torch_mods, note = import_torch()
-    if torch_mods:
-        torch_mods[0].set_num_threads(numres.backends.default_threads())
-    env, _ = bench.header(bench.environment(
-        torch=torch_mods[0].__version__ if torch_mods else note,
-        onnxruntime=bench.version("onnxruntime")))
+    torch_mods, env, _ = start_report()
     gaps = [float(g) for g in args.gaps.split(",") if g]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
-            ckpt = os.path.join(tmp, f"{arch}.pth")
-            _write_checkpoint(arch, ckpt, torch_mods)
-            x = np.random.default_rng(0).standard_normal(
-                (args.batch, 3, args.size, args.size)).astype(np.float32)
+            ckpt, x = checkpoint_and_input(arch, tmp, torch_mods, args.batch, args.size)
             if args.same_process:
                 contenders = numres_variants(arch, ckpt, x)
                 others, notes = reference_contenders(arch, ckpt, torch_mods, tmp, x)
