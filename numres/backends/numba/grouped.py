@@ -230,8 +230,11 @@ def pack_lanes_pairs(weight):
 
 
 @kernel
-def grouped_lanes(r0, r1, xp, k, stride, out_h, out_w, w, mr, bp, n_out, epi, y2):
-    """Output rows [r0, r1) of a grouped convolution with w channels per group, from the
+def grouped_lanes(counters, part, parts, xp, k, stride, out_h, out_w, w, mr, bp, n_out, epi,
+                  y2):
+    """A grouped convolution with w channels per group, on the output rows (row = n * out_h
+    + oy) thread ``part`` of ``parts`` claims one at a time (``threads.next_block``: a
+    static half each made every layer wait for the slower of two virtual CPUs), from the
     zero-padded NHWC input ``xp``; ``bp`` from :func:`pack_lanes`; ``mr`` is
     ``LANE_ROWS[w]``; ``epi`` the :class:`~.kernels.Epilogue`. With bf16 pairs (``xp``
     and ``bp`` from :func:`pack_lanes_pairs`, uint32), a vector of pairs makes two of
@@ -242,7 +245,11 @@ def grouped_lanes(r0, r1, xp, k, stride, out_h, out_w, w, mr, bp, n_out, epi, y2
     tiles = (out_w + mr - 1) // mr
     x_ptr, b_ptr, y_ptr, bias_ptr = data_ptr(xp), data_ptr(bp), data_ptr(y2), data_ptr(bias)
     res_ptr = data_ptr(residual) if has_residual else y_ptr
-    for r in range(r0, r1):
+    rows = y2.shape[0] // out_w
+    while True:
+        r = next_block(counters, part, parts, rows)
+        if r < 0:
+            return
         n, oy = r // out_h, r % out_h
         for t in range(tiles):
             valid = min(mr, out_w - t * mr)
@@ -262,29 +269,16 @@ def run_lanes(be, x, conv, epi, y):
     be.step(multiply_lanes, be.executor, xp, conv, epi, y)
 
 
-@kernel
-def lanes_rows(counters, part, parts, rows, xp, k, stride, out_h, out_w, w, mr, bp, n_out,
-               epi, y2):
-    """:func:`grouped_lanes` on the output rows thread ``part`` of ``parts`` claims one at a
-    time (``threads.next_block``)."""
-    while True:
-        r = next_block(counters, part, parts, rows)
-        if r < 0:
-            return
-        grouped_lanes(r, r + 1, xp, k, stride, out_h, out_w, w, mr, bp, n_out, epi, y2)
-
-
 def multiply_lanes(ex, xp, conv, epi, y):
-    """Threads claim output rows (:func:`lanes_rows`): a static half each made every layer
-    wait for the slower of two virtual CPUs."""
+    """Threads claim output rows (:func:`grouped_lanes`)."""
     n, out_h, out_w, o = y.shape
     y2 = y.reshape(n * out_h * out_w, o)          # (N*oh*ow, O): one row per pixel
     w = o // conv.groups
     counters = work_counters(ex.threads)
 
     def work(part, parts):
-        lanes_rows(counters, part, parts, n * out_h, xp, conv.kernel_size, conv.stride, out_h,
-                   out_w, w, LANE_ROWS[w], conv.weight, o, epi, y2)
+        grouped_lanes(counters, part, parts, xp, conv.kernel_size, conv.stride, out_h, out_w,
+                      w, LANE_ROWS[w], conv.weight, o, epi, y2)
     ex.share(work)
 
 
@@ -320,9 +314,11 @@ def grouped_tile_rows(out_w):
 
 
 @kernel
-def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, y2, c, mr):
-    """A grouped convolution of output rows [r0, r1), per group a direct convolution like
-    ``direct.conv_direct``, in tiles of ``mr`` pixels (:func:`grouped_tile_rows`).
+def grouped_direct(counters, part, parts, xp, k, stride, out_h, out_w, groups, bp, n_out, epi,
+                   y2, c, mr):
+    """A grouped convolution, per group a direct convolution like ``direct.conv_direct``, in
+    tiles of ``mr`` pixels (:func:`grouped_tile_rows`), on the output rows thread ``part``
+    of ``parts`` claims one at a time (``threads.next_block``).
 
     For kernel row ``ky``, the group's ``Cin/G`` channels of one pixel are contiguous and the
     next ``kx`` is ``C`` floats further: the microkernel walks them in ``k`` runs, and the
@@ -340,7 +336,11 @@ def grouped_direct(r0, r1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, 
     x_ptr, b_ptr, c_ptr = data_ptr(xp), data_ptr(bp), data_ptr(c)
     y_ptr, bias_ptr = data_ptr(y2), data_ptr(bias)
     res_ptr = data_ptr(residual) if has_residual else y_ptr
-    for r in range(r0, r1):
+    rows = y2.shape[0] // out_w
+    while True:
+        r = next_block(counters, part, parts, rows)
+        if r < 0:
+            return
         n, oy = r // out_h, r % out_h
         for g in range(groups):
             for jp in range(panels):
@@ -388,21 +388,8 @@ def _scratch_width(out_w):
     return -(-out_w // MR_G) * MR_G
 
 
-@kernel
-def direct_rows(counters, part, parts, rows, xp, k, stride, out_h, out_w, groups, bp, n_out,
-                epi, y2, c, mr):
-    """:func:`grouped_direct` on the output rows thread ``part`` of ``parts`` claims one at
-    a time (``threads.next_block``)."""
-    while True:
-        r = next_block(counters, part, parts, rows)
-        if r < 0:
-            return
-        grouped_direct(r, r + 1, xp, k, stride, out_h, out_w, groups, bp, n_out, epi, y2, c,
-                       mr)
-
-
 def multiply_direct(ex, xp, conv, epi, y):
-    """Threads claim output rows (:func:`direct_rows`)."""
+    """Threads claim output rows (:func:`grouped_direct`)."""
     n, out_h, out_w, o = y.shape
     y2 = y.reshape(n * out_h * out_w, o)          # (N*oh*ow, O): one row per pixel
     width = _scratch_width(out_w)
@@ -410,9 +397,8 @@ def multiply_direct(ex, xp, conv, epi, y):
 
     def work(part, parts):
         scratch = thread_scratch("grouped_c", (width, NR_G))
-        direct_rows(counters, part, parts, n * out_h, xp, conv.kernel_size, conv.stride,
-                    out_h, out_w, conv.groups, conv.weight, o, epi, y2, scratch,
-                    grouped_tile_rows(out_w))
+        grouped_direct(counters, part, parts, xp, conv.kernel_size, conv.stride, out_h, out_w,
+                       conv.groups, conv.weight, o, epi, y2, scratch, grouped_tile_rows(out_w))
     ex.share(work)
 
 
