@@ -93,4 +93,7 @@ CONV_CASES = [
     (1, 36, 6, 6, 36, 3, 1, 1, 4),     # 9 per group (no bf16 pairs)
     (1, 64, 7, 7, 64, 3, 1, 1, 2),     # 32 per group, 7x7: whole 7-row grouped tiles
     (2, 64, 14, 14, 64, 3, 2, 1, 4),   # 16 per group, strided to 7x7, with residual rows
+    (2, 64, 6, 17, 64, 3, 1, 1, 2),    # 32 per group (wide tiles), a ragged row
+    (1, 512, 6, 9, 512, 3, 2, 1, 32),  # 16 per group, row stride 1024 (a constant-stride body)
+    (2, 1024, 3, 7, 1024, 3, 1, 1, 32),  # 32 per group, wide 7-row tiles, row stride 1024
 ]

@@ -24,10 +24,10 @@ def test_declared_tiles_fit_their_registers():
             assert declared.registers_used(mr, nr) <= declared.registers, (declared.isa, name)
     assert tile.DECLARED["avx512"].variants() == (
         ("main", 14, 32), ("short", 8, 32), ("half", 7, 32), ("grouped", 14, 16),
-        ("grouped half", 7, 16))
+        ("grouped half", 7, 16), ("grouped wide", 14, 32), ("grouped wide half", 7, 32))
     assert tile.DECLARED["avx2"].variants() == (
         ("main", 6, 16), ("short", 6, 16), ("half", 6, 16), ("grouped", 12, 8),
-        ("grouped half", 7, 8))
+        ("grouped half", 7, 8), ("grouped wide", 12, 8), ("grouped wide half", 7, 8))
     assert tile.DECLARED["avx512"].lane_rows == {1: 24, 2: 12, 4: 6, 8: 2}
     assert tile.DECLARED["avx2"].lane_rows == {1: 12, 2: 6, 4: 2}
     with pytest.raises(ValueError, match="vector registers"):
@@ -37,11 +37,11 @@ def test_declared_tiles_fit_their_registers():
 _drivers = {}
 
 
-def _driver(mr, nr, vl, line):
+def _driver(mr, nr, vl, line, row_strides=(), prefetch_b=True):
     """A compiled function making one microkernel call for tiles ``mr x nr``."""
-    key = (mr, nr, vl, line)
+    key = (mr, nr, vl, line, row_strides, prefetch_b)
     if key not in _drivers:
-        kernel = make_microkernel(vl, nr, (mr,), line)
+        kernel = make_microkernel(vl, nr, (mr,), line, row_strides, prefetch_b)
 
         @njit(nogil=True, error_model="numpy", boundscheck=False)
         def run(kc, rounds, a, lda, a_step, b, c, ldc, accumulate, final, bias, res, has_res,
@@ -88,6 +88,35 @@ def test_microkernel_multiplies_and_finishes(rng, isa, mr, nr, vl, line, kc, rou
             if relu:
                 want = np.where(want < 0, np.float32(0), want)
             np.testing.assert_array_equal(out[:, :nr], want)
+
+
+@pytest.mark.parametrize("isa, mr, nr, vl, line", TILES, ids=lambda v: str(v))
+def test_constant_row_strides_compute_what_the_general_body_does(rng, isa, mr, nr, vl, line):
+    """A body compiled for a constant A row stride (and without B prefetches) serves calls
+    with that stride; calls with any other stride take the general body. Both sum the
+    same products in the same order, so the results are equal to the bit."""
+    kc, rounds, a_step, ldc = 20, 3, 21, nr + 3
+    constant = kc * rounds + 5
+    run = _driver(mr, nr, vl, line, row_strides=(constant, 4 * constant), prefetch_b=False)
+    general = _driver(mr, nr, vl, line)
+    b = rng.standard_normal((rounds * kc + 1, nr)).astype(np.float32)
+    bias = rng.standard_normal(nr).astype(np.float32)
+    res = rng.standard_normal((mr, ldc)).astype(np.float32)
+    for lda in (constant, constant + 1, 4 * constant):
+        a = rng.standard_normal(mr * lda + rounds * a_step + kc).astype(np.float32)
+        expected = np.zeros((mr, nr))
+        for r in range(rounds):
+            rows = np.stack([a[r * a_step + i * lda:r * a_step + i * lda + kc]
+                             for i in range(mr)])
+            expected += rows.astype(np.float64) @ b[r * kc:(r + 1) * kc]
+        outs = []
+        for kernel in (run, general):
+            c = np.full((mr, ldc), np.nan, np.float32)
+            kernel(kc, rounds, a, lda, a_step, b, c, ldc, False, True, bias, res, True, False)
+            outs.append(c)
+        np.testing.assert_allclose(outs[0][:, :nr], expected + bias + res[:, :nr], rtol=1e-5,
+                                   atol=1e-4)
+        np.testing.assert_array_equal(outs[0], outs[1])
 
 
 _lanes_drivers = {}

@@ -36,7 +36,17 @@ VL = TILE.vl
 LANE_ROWS = TILE.lane_rows
 MR_G, NR_G = TILE.grouped_mr, TILE.grouped_nr
 MR_GH = TILE.grouped_half_mr
-_microkernel_g = make_microkernel(VL, NR_G, (MR_G, MR_GH), TILE.line)
+#: Panel width for groups whose outputs fill whole pairs of vectors (AVX-512; else NR_G).
+NR_GW = TILE.grouped_wide_nr
+#: Row strides (channels x stride; bf16 pairs count half) of ResNeXt's grouped layers with
+#: 16-32 channels per group, compiled as constants (``make_microkernel``: with 14 rows at a
+#: run-time stride, the kernel reloaded spilled row pointers every step).
+GROUPED_ROW_STRIDES = (256, 512, 1024, 2048)
+#: A group's weights stay in L1 while its rows are computed: no prefetching them.
+_microkernel_g = make_microkernel(VL, NR_G, (MR_G, MR_GH), TILE.line, GROUPED_ROW_STRIDES,
+                                  prefetch_b=False)
+_microkernel_gw = make_microkernel(VL, NR_GW, (MR_G, MR_GH), TILE.line, GROUPED_ROW_STRIDES,
+                                   prefetch_b=False)
 
 
 # -- GROUPED_LANES ----------------------------------------------------------------------------
@@ -288,18 +298,27 @@ def lanes_events(conv, x, y, threads, tuning):
 
 
 # -- GROUPED_DIRECT ---------------------------------------------------------------------------
+def grouped_panel_width(w_out):
+    """Columns of the grouped kernel's weight panels for ``w_out`` outputs per group:
+    ``NR_GW`` where they fill whole wide panels (half the broadcasts per FMA), else
+    ``NR_G``."""
+    return NR_GW if w_out % NR_GW == 0 else NR_G
+
+
 def pack_grouped(w, groups, bf16=False):
-    """(O, Cin/G, k, k) grouped weights -> (G, panels, k*k*Cin/G, NR_G): per group, rows in
-    (ky, kx, ci) order and NR_G-wide column panels, zero-padded; with ``bf16`` (an even
-    Cin/G), (G, panels, k*k*Cin/G / 2, NR_G) bf16 pairs of adjacent ci (``pairs.pack``)."""
+    """(O, Cin/G, k, k) grouped weights -> (G, panels, k*k*Cin/G, nr): per group, rows in
+    (ky, kx, ci) order and column panels ``nr`` = :func:`grouped_panel_width` wide,
+    zero-padded; with ``bf16`` (an even Cin/G), (G, panels, k*k*Cin/G / 2, nr) bf16 pairs of
+    adjacent ci (``pairs.pack``)."""
     o, w_in, k, _ = w.shape
     w_out = o // groups
-    panels = -(-w_out // NR_G)
-    padded = np.zeros((groups, panels * NR_G, w_in, k, k), np.float32)
+    nr = grouped_panel_width(w_out)
+    panels = -(-w_out // nr)
+    padded = np.zeros((groups, panels * nr, w_in, k, k), np.float32)
     padded[:, :w_out] = w.reshape(groups, w_out, w_in, k, k)
-    # (G, panel, NR_G, ci, ky, kx) -> (G, panel, ky, kx, ci, NR_G)
-    blocks = padded.reshape(groups, panels, NR_G, w_in, k, k).transpose(0, 1, 4, 5, 3, 2)
-    rows = blocks.reshape(groups, panels, k * k * w_in, NR_G)
+    # (G, panel, nr, ci, ky, kx) -> (G, panel, ky, kx, ci, nr)
+    blocks = padded.reshape(groups, panels, nr, w_in, k, k).transpose(0, 1, 4, 5, 3, 2)
+    rows = blocks.reshape(groups, panels, k * k * w_in, nr)
     if bf16:
         rows = pairs.pack(rows)
     packed = aligned_empty(rows.shape, rows.dtype)
@@ -317,18 +336,21 @@ def grouped_tile_rows(out_w):
 def grouped_direct(counters, part, parts, xp, k, stride, out_h, out_w, groups, bp, n_out, epi,
                    y2, c, mr):
     """A grouped convolution, per group a direct convolution like ``direct.conv_direct``, in
-    tiles of ``mr`` pixels (:func:`grouped_tile_rows`), on the output rows thread ``part``
-    of ``parts`` claims one at a time (``threads.next_block``).
+    tiles of ``mr`` pixels (:func:`grouped_tile_rows`), on the (image, group) pairs thread
+    ``part`` of ``parts`` claims one at a time (``threads.next_block``), each over all the
+    image's output rows: a group's weights (9-36 KB) stay in L1/L2 while they are used.
+    Claiming output rows read every group's weights again for every row, from L3 once a
+    layer's are over 1 MB: ResNeXt's layers at batch 1 were 1.1-1.4x slower that way.
 
     For kernel row ``ky``, the group's ``Cin/G`` channels of one pixel are contiguous and the
     next ``kx`` is ``C`` floats further: the microkernel walks them in ``k`` runs, and the
-    ``k`` kernel rows accumulate in the output tile. ``bp`` from :func:`pack_grouped`; ``c``
-    (tiles * MR_G, NR_G) is this thread's scratch. With bf16 pairs (``xp`` and ``bp``
-    uint32), channels count pairs.
+    ``k`` kernel rows accumulate in the output tile. ``bp`` from :func:`pack_grouped` (its
+    panel width picks the tile); ``c`` (tiles * MR_G, NR_GW) is this thread's scratch. With
+    bf16 pairs (``xp`` and ``bp`` uint32), channels count pairs.
     """
     bias, residual, has_residual, relu = epi
     _, hp, wp, ch = xp.shape
-    _, panels, kdim, _ = bp.shape
+    _, panels, kdim, nr = bp.shape
     w_in = ch // groups
     w_out = n_out // groups
     tiles = (out_w + mr - 1) // mr
@@ -336,36 +358,39 @@ def grouped_direct(counters, part, parts, xp, k, stride, out_h, out_w, groups, b
     x_ptr, b_ptr, c_ptr = data_ptr(xp), data_ptr(bp), data_ptr(c)
     y_ptr, bias_ptr = data_ptr(y2), data_ptr(bias)
     res_ptr = data_ptr(residual) if has_residual else y_ptr
-    rows = y2.shape[0] // out_w
+    ldc = c.shape[1]
+    images = y2.shape[0] // (out_h * out_w)
     while True:
-        r = next_block(counters, part, parts, rows)
-        if r < 0:
+        u = next_block(counters, part, parts, images * groups)
+        if u < 0:
             return
-        n, oy = r // out_h, r % out_h
-        for g in range(groups):
-            for jp in range(panels):
-                col = g * w_out + jp * NR_G
-                width = min(NR_G, w_out - jp * NR_G)
-                b_base = (g * panels + jp) * kdim * NR_G
+        n, g = u // groups, u % groups
+        for jp in range(panels):
+            col = g * w_out + jp * nr
+            width = min(nr, w_out - jp * nr)
+            b_base = (g * panels + jp) * kdim * nr
+            for oy in range(out_h):
+                r = n * out_h + oy
                 for t in range(tiles):
-                    direct = t < whole_tiles and width == NR_G
+                    direct = t < whole_tiles and width == nr
                     out = (r * out_w + t * mr) * n_out + col
                     for ky in range(k):
                         a = Rows(x_ptr, (((n * hp + oy * stride + ky) * wp + t * mr * stride)
                                          * ch + g * w_in), stride * ch, ch)
-                        b_off = b_base + ky * k * w_in * NR_G
+                        b = Panel(b_ptr, b_base + ky * k * w_in * nr)
                         if direct:
-                            _microkernel_g(mr, w_in, k, a, Panel(b_ptr, b_off),
-                                           Out(y_ptr, out, n_out, ky > 0),
-                                           Finish(ky == k - 1, bias_ptr, col, res_ptr, out,
-                                                  n_out, has_residual, relu),
-                                           Prefetch(b_off, 0))
+                            o = Out(y_ptr, out, n_out, ky > 0)
+                            f = Finish(ky == k - 1, bias_ptr, col, res_ptr, out, n_out,
+                                       has_residual, relu)
                         else:
-                            _microkernel_g(mr, w_in, k, a, Panel(b_ptr, b_off),
-                                           Out(c_ptr, t * mr * NR_G, NR_G, ky > 0),
-                                           plain(c_ptr), Prefetch(b_off, 0))
+                            o = Out(c_ptr, t * mr * ldc, ldc, ky > 0)
+                            f = plain(c_ptr)
+                        if nr == NR_G:
+                            _microkernel_g(mr, w_in, k, a, b, o, f, Prefetch(0, 0))
+                        else:
+                            _microkernel_gw(mr, w_in, k, a, b, o, f, Prefetch(0, 0))
                 # Ragged tiles: from the scratch, with the epilogue, the valid part only.
-                first = 0 if width < NR_G else whole_tiles * mr
+                first = 0 if width < nr else whole_tiles * mr
                 for ox in range(first, out_w):
                     m = r * out_w + ox
                     for j in range(width):
@@ -396,7 +421,7 @@ def multiply_direct(ex, xp, conv, epi, y):
     counters = work_counters(ex.threads)
 
     def work(part, parts):
-        scratch = thread_scratch("grouped_c", (width, NR_G))
+        scratch = thread_scratch("grouped_c", (width, NR_GW))
         grouped_direct(counters, part, parts, xp, conv.kernel_size, conv.stride, out_h, out_w,
                        conv.groups, conv.weight, o, epi, y2, scratch, grouped_tile_rows(out_w))
     ex.share(work)
@@ -405,5 +430,5 @@ def multiply_direct(ex, xp, conv, epi, y):
 def direct_events(conv, x, y, threads, tuning):
     """The padded input and each thread's ragged-tile scratch."""
     return padding.events(x, conv, MR_G) + [
-        ("scratch", "grouped_c", threads * nbytes((_scratch_width(y[2]), NR_G))),
+        ("scratch", "grouped_c", threads * nbytes((_scratch_width(y[2]), NR_GW))),
         ("free", "padded")]

@@ -155,10 +155,19 @@ def register_loop(builder, vec, kc, rounds, count, start_run, step):
     return results
 
 
-def make_microkernel(vl, nr, heights, line=16):
+def make_microkernel(vl, nr, heights, line=16, row_strides=(), prefetch_b=True):
     """The microkernel for tiles ``nr`` floats wide, ``vl`` floats per vector, one body per
     tile height in ``heights`` (a call's ``mr`` picks one; a call with another height does
-    nothing). ``line``: floats per cache line.
+    nothing). ``line``: floats per cache line. ``row_strides``: A row strides (``Rows.ld``)
+    to compile bodies for with the stride a constant; calls with others take the general
+    body. ``prefetch_b=False`` leaves out :class:`Prefetch`'s two lines of B per step (for
+    callers whose weights stay in L1: two load slots of 17 per step of a one-vector tile).
+
+    Why constant strides: with ``mr`` rows at a stride known only at run time, the body keeps
+    a pointer per row, more than x86-64 has registers, and reloads the spilled ones every
+    step (8 loads beside the 15 of a step of a one-vector-wide tile: the grouped kernel ran
+    at half the FMA peak). A constant stride makes every row one base register plus a
+    displacement.
 
     The kernel: ``C[i, j] (+)= sum over r < rounds, p < kc of A[r, i, p] * B[r*kc + p, j]``
     for ``i < mr``, ``j < nr``, operands as :class:`Rows`, :class:`Panel`, :class:`Out`,
@@ -181,16 +190,33 @@ def make_microkernel(vl, nr, heights, line=16):
             pairs = signature.args[3].types[0] == PAIRS
             if pairs != (signature.args[4].types[0] == PAIRS):
                 raise TypeError("microkernel: A and B must both be float32 or both bf16 pairs")
-            if len(heights) == 1:
-                _body(builder, vl, heights[0], nr, line, kc, rounds, *fields, pairs=pairs)
-                return context.get_dummy_value()
+            i64 = ir.IntType(64)
             for height in heights:
-                is_height = builder.icmp_signed("==", mr, ir.Constant(ir.IntType(64), height))
+                is_height = builder.icmp_signed("==", mr, ir.Constant(i64, height))
                 with builder.if_then(is_height):
-                    _body(builder, vl, height, nr, line, kc, rounds, *fields, pairs=pairs)
+                    _strided_bodies(builder, vl, height, nr, line, kc, rounds, fields, pairs,
+                                    row_strides, prefetch_b)
             return context.get_dummy_value()
         return sig, codegen
     return microkernel
+
+
+def _strided_bodies(builder, vl, mr, nr, line, kc, rounds, fields, pairs, row_strides,
+                    prefetch_b):
+    """One body per constant row stride in ``row_strides`` (the call's ``Rows.ld`` picks
+    one), and the general body for any other."""
+    a, rest = fields[0], fields[1:]
+    lda = a[2]
+    done = builder.append_basic_block("strides.done")
+    for ld in row_strides:
+        constant = ir.Constant(lda.type, ld)
+        with builder.if_then(builder.icmp_signed("==", lda, constant)):
+            _body(builder, vl, mr, nr, line, kc, rounds, (a[0], a[1], constant, a[3]), *rest,
+                  pairs=pairs, prefetch_b=prefetch_b)
+            builder.branch(done)
+    _body(builder, vl, mr, nr, line, kc, rounds, a, *rest, pairs=pairs, prefetch_b=prefetch_b)
+    builder.branch(done)
+    builder.position_at_end(done)
 
 
 class _BFloat(ir.Type):
@@ -228,7 +254,8 @@ def multiply_add(builder, vl, pairs):
         dot, [acc, builder.bitcast(a, bvec), builder.bitcast(b, bvec)])
 
 
-def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch, pairs=False):
+def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch, pairs=False,
+          prefetch_b=True):
     """The IR of one tile height (see :func:`make_microkernel`)."""
     a, a_off, lda, a_step = a
     b, b_off = b
@@ -275,7 +302,7 @@ def _body(builder, vl, mr, nr, line, kc, rounds, a, b, c, finish, prefetch, pair
                                            operand.as_pointer()), align=4) for v in range(nv)]
         q = builder.add(builder.mul(r, kc), p)
         pf_row = builder.gep(pf, [builder.mul(q, pf_step)])
-        for ahead_line in range(2):
+        for ahead_line in range(2 if prefetch_b else 0):
             ahead = builder.bitcast(builder.gep(pf_row, [const(line * ahead_line)]), i8ptr)
             builder.call(prefetch_fn, [ahead, i32(0), i32(3), i32(1)])
         # The tile's output lines (and residual lines, if it adds them), then the next

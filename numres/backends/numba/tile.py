@@ -120,12 +120,22 @@ class Tile:
         """Columns of the grouped tile: one vector (groups have 4 to 64 output channels)."""
         return self.vl
 
+    @property
+    def grouped_wide_nr(self):
+        """Columns of the grouped tile for groups of two vectors' outputs (ResNeXt's 32 per
+        group): two vectors where the grouped tile's rows still fit the registers with them
+        (each broadcast then feeds two FMAs), else one."""
+        wide = 2 * self.vl
+        return wide if self.registers_used(self.grouped_mr, wide) <= self.registers else self.vl
+
     def variants(self):
         """``(name, mr, nr)`` of every tile the kernels use."""
         return (("main", self.mr, self.nr), ("short", self.short_mr, self.nr),
                 ("half", self.half_mr, self.nr),
                 ("grouped", self.grouped_mr, self.grouped_nr),
-                ("grouped half", self.grouped_half_mr, self.grouped_nr))
+                ("grouped half", self.grouped_half_mr, self.grouped_nr),
+                ("grouped wide", self.grouped_mr, self.grouped_wide_nr),
+                ("grouped wide half", self.grouped_half_mr, self.grouped_wide_nr))
 
 
 #: AVX-512: 14 x 32 (28 accumulators + 2 weight vectors + 1 broadcast = 31 of 32 registers);
