@@ -54,6 +54,16 @@ def _driver(mr, nr, vl, line, row_strides=(), prefetch_b=True):
     return _drivers[key]
 
 
+def _expected(a, lda, a_step, b, mr, kc, rounds):
+    """The microkernel's sums in float64: A's ``mr`` rows ``lda`` apart, runs ``a_step``
+    apart, times B's rows."""
+    out = np.zeros((mr, b.shape[1]))
+    for r in range(rounds):
+        rows = np.stack([a[r * a_step + i * lda:r * a_step + i * lda + kc] for i in range(mr)])
+        out += rows.astype(np.float64) @ b[r * kc:(r + 1) * kc]
+    return out
+
+
 @pytest.mark.parametrize("isa, mr, nr, vl, line", TILES, ids=lambda v: str(v))
 @pytest.mark.parametrize("kc, rounds", [(1, 1), (37, 1), (16, 3), (0, 1)])
 def test_microkernel_multiplies_and_finishes(rng, isa, mr, nr, vl, line, kc, rounds):
@@ -63,10 +73,7 @@ def test_microkernel_multiplies_and_finishes(rng, isa, mr, nr, vl, line, kc, rou
     b = rng.standard_normal((rounds * kc + 1, nr)).astype(np.float32)   # +1: prefetched
     bias = rng.standard_normal(nr).astype(np.float32)
     res = rng.standard_normal((mr, ldc)).astype(np.float32)
-    expected = np.zeros((mr, nr))
-    for r in range(rounds):
-        rows = np.stack([a[r * a_step + i * lda:r * a_step + i * lda + kc] for i in range(mr)])
-        expected += rows.astype(np.float64) @ b[r * kc:(r + 1) * kc]
+    expected = _expected(a, lda, a_step, b, mr, kc, rounds)
 
     c = np.full((mr, ldc), np.nan, np.float32)
     run(kc, rounds, a, lda, a_step, b, c, ldc, False, False, bias, res, False, False)
@@ -104,11 +111,7 @@ def test_constant_row_strides_compute_what_the_general_body_does(rng, isa, mr, n
     res = rng.standard_normal((mr, ldc)).astype(np.float32)
     for lda in (constant, constant + 1, 4 * constant):
         a = rng.standard_normal(mr * lda + rounds * a_step + kc).astype(np.float32)
-        expected = np.zeros((mr, nr))
-        for r in range(rounds):
-            rows = np.stack([a[r * a_step + i * lda:r * a_step + i * lda + kc]
-                             for i in range(mr)])
-            expected += rows.astype(np.float64) @ b[r * kc:(r + 1) * kc]
+        expected = _expected(a, lda, a_step, b, mr, kc, rounds)
         outs = []
         for kernel in (run, general):
             c = np.full((mr, ldc), np.nan, np.float32)

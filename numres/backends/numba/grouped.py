@@ -45,8 +45,9 @@ GROUPED_ROW_STRIDES = (256, 512, 1024, 2048)
 #: A group's weights stay in L1 while its rows are computed: no prefetching them.
 _microkernel_g = make_microkernel(VL, NR_G, (MR_G, MR_GH), TILE.line, GROUPED_ROW_STRIDES,
                                   prefetch_b=False)
-_microkernel_gw = make_microkernel(VL, NR_GW, (MR_G, MR_GH), TILE.line, GROUPED_ROW_STRIDES,
-                                   prefetch_b=False)
+# (AVX2 has no wide tile: the same kernel, not a second copy to compile.)
+_microkernel_gw = _microkernel_g if NR_GW == NR_G else make_microkernel(
+    VL, NR_GW, (MR_G, MR_GH), TILE.line, GROUPED_ROW_STRIDES, prefetch_b=False)
 
 
 # -- GROUPED_LANES ----------------------------------------------------------------------------
